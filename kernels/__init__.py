@@ -1,0 +1,1 @@
+"""Triton kernels of pmlm-engine, installed as ``pmlm_engine.kernels``."""
