@@ -1,0 +1,247 @@
+"""The PMLM model: a BERT-style post-LayerNorm encoder with a shared T5 relative position bias.
+
+One definition serves pre-training, fine-tuning and cached decoding (PMLM.md section 5).
+Parameter names follow Hugging Face's ``BertModel`` (minus the ``bert.`` prefix) so BERT
+checkpoints map one to one; the relative bias table is ``rel_pos_bias.weight``
+``(heads, buckets)`` as in the released UniLMv2 checkpoints.
+
+All attention goes through :func:`pmlm_engine.attention.pseudo_mask_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import RelativePositionBias, pseudo_mask_attention
+from .config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of the tokens seen so far, with their mask metadata.
+
+    Used by incremental decoding: each token's keys and values are projected once.
+    Only context tokens (``step >= 0``: source and emitted targets) are kept; the
+    ``[P]`` of a step is only ever visible to itself, so it is never cached.
+    """
+
+    keys: list[Tensor] = field(default_factory=list)  # per layer (B, H, Lc, D)
+    values: list[Tensor] = field(default_factory=list)  # per layer (B, H, Lc, D)
+    step: Optional[Tensor] = None  # (B, Lc)
+    doc_ids: Optional[Tensor] = None  # (B, Lc)
+    position_ids: Optional[Tensor] = None  # (B, Lc)
+
+    def __len__(self) -> int:
+        return 0 if self.step is None else self.step.shape[1]
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search): ``index`` is ``(B',)`` into the current batch."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        for name in ("step", "doc_ids", "position_ids"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor) -> Tensor:
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+             + self.token_type_embeddings(segment_ids))  # (B, L, C)
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = cfg.attention_dropout
+        self.backend = cfg.attention_backend
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+
+    def forward(self, x: Tensor, meta: "_Meta", layer: int, cache: Optional[KVCache]) -> Tensor:
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if cache is not None:
+            if layer < len(cache.keys):
+                k = torch.cat([cache.keys[layer], k], dim=2)  # (B, H, Lc + L, D)
+                v = torch.cat([cache.values[layer], v], dim=2)
+            meta.new_kv.append((k[:, :, -x.shape[1]:], v[:, :, -x.shape[1]:]))
+        out = pseudo_mask_attention(
+            q, k, v, meta.k_step, meta.k_doc, meta.bias, self.backend,
+            q_step=meta.q_step, q_doc_ids=meta.q_doc,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )  # (B, H, L, D)
+        b, _, n, _ = out.shape
+        return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+
+
+class TransformerLayer(nn.Module):
+    """Post-LayerNorm BERT layer (names as in HF: attention.self/output, intermediate, output)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention = nn.ModuleDict(dict(
+            self=SelfAttention(cfg),
+            output=nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden_size, cfg.hidden_size),
+                                      LayerNorm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps))),
+        ))
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden_size, cfg.intermediate_size)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(cfg.intermediate_size, cfg.hidden_size),
+                                         LayerNorm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)))
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: Tensor, meta: "_Meta", layer: int, cache: Optional[KVCache]) -> Tensor:
+        attn_out = self.attention["output"]
+        a = self.attention["self"](x, meta, layer, cache)
+        x = attn_out["LayerNorm"](x + self.dropout(attn_out["dense"](a)))
+        h = F.gelu(self.intermediate["dense"](x))
+        return self.output["LayerNorm"](x + self.dropout(self.output["dense"](h)))
+
+
+@dataclass
+class _Meta:
+    """Mask and bias metadata of one forward, shared by all layers."""
+
+    q_step: Optional[Tensor]
+    q_doc: Optional[Tensor]
+    k_step: Tensor
+    k_doc: Optional[Tensor]
+    bias: Optional[RelativePositionBias]
+    new_kv: list[tuple[Tensor, Tensor]]
+
+
+class LMHead(nn.Module):
+    """BERT's MLM head; the decoder weight is tied to the input embedding."""
+
+    def __init__(self, cfg: ModelConfig, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = nn.ModuleDict(dict(dense=nn.Linear(cfg.hidden_size, cfg.hidden_size),
+                                            LayerNorm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)))
+        self.embedding = embedding
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """``(N, C)`` selected hidden states -> ``(N, V)`` logits."""
+        h = self.transform["LayerNorm"](F.gelu(self.transform["dense"](hidden)))
+        return F.linear(h, self.embedding.weight, self.bias)
+
+
+class PMLMModel(nn.Module):
+    """Encoder + tied LM head. ``forward`` returns hidden states; ``lm_head`` scores selected rows."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])))
+        self.rel_pos_bias = (nn.Linear(cfg.rel_pos_buckets, cfg.num_heads, bias=False)
+                             if cfg.rel_pos_buckets > 0 else None)  # weight: (H, buckets)
+        self.lm_head = LMHead(cfg, self.embeddings.word_embeddings)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def set_attention_backend(self, backend: str) -> None:
+        for layer in self.encoder["layer"]:
+            layer.attention["self"].backend = backend
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        segment_ids: Tensor,
+        step: Tensor,
+        doc_ids: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> Tensor:
+        """Encode a batch of laid-out tokens.
+
+        Args:
+            input_ids, position_ids, segment_ids, step: ``(B, L)`` (see ``pmlm_engine.layout``).
+            doc_ids: ``(B, L)``, -1 on padding; None when every row is one document without padding.
+            cache: for incremental decoding. The new tokens attend the cached ones plus
+                themselves; afterwards the context tokens (``step >= 0``) among them are
+                appended to the cache.
+        Returns:
+            ``(B, L, C)`` hidden states of the new tokens.
+        """
+        if int(position_ids.max()) >= self.config.max_position:
+            raise ValueError(f"position id {int(position_ids.max())} exceeds the position table "
+                             f"(max_position={self.config.max_position}): shorten the input or extend "
+                             "the table (pmlm_engine.model.extend_positions)")
+        q_step = q_doc = None
+        k_step, k_doc, k_pos = step, doc_ids, position_ids
+        if cache is not None and len(cache) > 0:
+            if doc_ids is None or cache.doc_ids is None:
+                raise ValueError("cached decoding needs doc_ids for both the cache and the new tokens")
+            q_step, q_doc = step, doc_ids
+            k_step = torch.cat([cache.step, step], dim=1)
+            k_doc = torch.cat([cache.doc_ids, doc_ids], dim=1)
+            k_pos = torch.cat([cache.position_ids, position_ids], dim=1)
+        bias = None
+        if self.rel_pos_bias is not None:
+            bias = RelativePositionBias(
+                self.rel_pos_bias.weight, k_pos,
+                q_position_ids=None if q_step is None else position_ids,
+                max_distance=self.config.rel_pos_max_distance,
+            )
+        meta = _Meta(q_step, q_doc, k_step, k_doc, bias, new_kv=[])
+        x = self.embeddings(input_ids, position_ids, segment_ids)
+        for i, layer in enumerate(self.encoder["layer"]):
+            x = layer(x, meta, i, cache)
+        if cache is not None:
+            self._append_to_cache(cache, meta, step, doc_ids, position_ids)
+        return x
+
+    @staticmethod
+    def _append_to_cache(cache: KVCache, meta: _Meta, step: Tensor, doc_ids: Optional[Tensor],
+                         position_ids: Tensor) -> None:
+        keep_cols = step >= 0  # (B, L)
+        if not bool((keep_cols == keep_cols[:1]).all()):
+            raise ValueError("cached decoding needs the same layout in every row (context columns "
+                             "must line up across the batch)")
+        cols = keep_cols[0].nonzero().squeeze(1)
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(step)
+        fresh = len(cache) == 0
+        for i, (k, v) in enumerate(meta.new_kv):
+            k, v = k.index_select(2, cols), v.index_select(2, cols)
+            if fresh:
+                cache.keys.append(k)
+                cache.values.append(v)
+            else:
+                cache.keys[i] = torch.cat([cache.keys[i], k], dim=2)
+                cache.values[i] = torch.cat([cache.values[i], v], dim=2)
+        new = dict(step=step, doc_ids=doc_ids, position_ids=position_ids)
+        for name, t in new.items():
+            t = t.index_select(1, cols)
+            setattr(cache, name, t if fresh else torch.cat([getattr(cache, name), t], dim=1))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
