@@ -1,0 +1,57 @@
+"""Optimizer and schedule of the paper (PMLM.md section 8): AdamW, warmup then linear decay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the paper's settings; weight decay skips LayerNorm weights and biases."""
+
+    lr: float = 6e-4
+    """Peak learning rate (reached at the end of warmup)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 24000
+    """Linear warmup from 0 to ``lr``; then linear decay to 0 at ``total_steps``."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # JSON gives lists
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} is invalid: expected a positive learning rate")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} is invalid: expected >= 0")
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"betas={self.betas} is invalid: expected two values in [0, 1)")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; not biases, LayerNorm weights or the relative bias table."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "rel_pos_bias" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
