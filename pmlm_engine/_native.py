@@ -1,16 +1,25 @@
 """Loader of the optional C++ extension ``pmlm_engine._C`` (built by ``setup.py`` from ``csrc/``).
 
 Imported lazily: torch must be imported before the extension (it links ``libc10``).
+The extension reproduces :func:`pmlm_engine.layout.build_example_python` draw for draw
+(``csrc/layout.cpp``); ``tests/test_layout_native.py`` checks that the two agree.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .config import MaskingConfig
 
-_C = None
+if TYPE_CHECKING:
+    from .layout import Example, SpecialIds
+
+_C: Any = None
 _ERROR: str | None = None
+_MASK64 = (1 << 64) - 1
 
 
 def _load() -> None:
@@ -29,27 +38,79 @@ def _load() -> None:
 
 
 def available() -> bool:
+    """True when ``pmlm_engine._C`` imports."""
     _load()
     return _C is not None
 
 
 def why_unavailable() -> str:
+    """Why the extension is unavailable (with the command that builds it), or ``"available"``."""
     _load()
     return _ERROR or "available"
 
 
-def build_example(tokens, segment_ids, maskable, seed: int, cfg: MaskingConfig, special):
-    """C++ twin of :func:`pmlm_engine.layout.build_example_python`."""
+def _require() -> Any:
+    _load()
+    if _C is None:
+        raise RuntimeError(why_unavailable())
+    return _C
+
+
+def _config_args(cfg: MaskingConfig, special: SpecialIds) -> tuple[Any, ...]:
+    return (cfg.mask_ratio, cfg.span_prob, cfg.span_min, cfg.span_max, cfg.mask_prob, cfg.random_prob,
+            special.mask, special.p, special.random_lo, special.random_hi)
+
+
+def _example(result: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]) -> Example:
     from .layout import Example
 
-    _load()
-    ids, pos, seg, step, labels, num_main = _C.build_example(
+    ids, pos, seg, step, labels, num_main = result
+    return Example(input_ids=ids, position_ids=pos, segment_ids=seg, step=step, labels=labels,
+                   num_main=int(num_main))
+
+
+def build_example(
+    tokens: ArrayLike,
+    segment_ids: ArrayLike,
+    maskable: ArrayLike,
+    seed: int,
+    cfg: MaskingConfig,
+    special: SpecialIds,
+) -> Example:
+    """C++ twin of :func:`pmlm_engine.layout.build_example_python` (same arguments, same result).
+
+    Raises:
+        ValueError: bad shapes or configuration, naming the argument (raised by the extension).
+        RuntimeError: the extension is not built.
+    """
+    ext = _require()
+    return _example(ext.build_example(
         np.ascontiguousarray(tokens, dtype=np.int64),
         np.ascontiguousarray(segment_ids, dtype=np.int64),
         np.ascontiguousarray(maskable, dtype=np.bool_),
-        int(seed) & ((1 << 64) - 1),
-        cfg.mask_ratio, cfg.span_prob, cfg.span_min, cfg.span_max, cfg.mask_prob, cfg.random_prob,
-        special.mask, special.p, special.random_lo, special.random_hi,
+        int(seed) & _MASK64,
+        *_config_args(cfg, special),
+    ))
+
+
+def build_examples(
+    tokens: Sequence[ArrayLike],
+    segment_ids: Sequence[ArrayLike],
+    maskable: Sequence[ArrayLike],
+    seeds: Sequence[int],
+    cfg: MaskingConfig,
+    special: SpecialIds,
+) -> list[Example]:
+    """Batched :func:`build_example`: one call into C++ for many sequences (GIL released once).
+
+    ``tokens[i]``, ``segment_ids[i]``, ``maskable[i]`` and ``seeds[i]`` describe example ``i``.
+    """
+    ext = _require()
+    results = ext.build_examples(
+        [np.ascontiguousarray(t, dtype=np.int64) for t in tokens],
+        [np.ascontiguousarray(s, dtype=np.int64) for s in segment_ids],
+        [np.ascontiguousarray(m, dtype=np.bool_) for m in maskable],
+        [int(s) & _MASK64 for s in seeds],
+        *_config_args(cfg, special),
     )
-    return Example(input_ids=ids, position_ids=pos, segment_ids=seg, step=step, labels=labels,
-                   num_main=int(num_main))
+    return [_example(r) for r in results]
