@@ -1,0 +1,281 @@
+"""Tile classification of the pseudo-mask (PMLM.md section 3) and the FLOP model built on it.
+
+The fused kernel (:mod:`pseudo_mask_attention`) never sees an ``(L, L)`` mask. Instead a small
+torch pre-pass summarises every block of ``block`` tokens by a handful of integers (min/max of
+the step, of the document, whether any token is padding) and classifies every
+(query tile, key tile) pair as
+
+* ``EMPTY``   (0): provably no (query, key) pair of the tile is visible -> skipped;
+* ``PARTIAL`` (1): maybe some pairs are visible -> computed with the mask applied;
+* ``FULL``    (2): provably every pair is visible -> computed without any mask.
+
+The classification is conservative by construction: ``FULL`` and ``EMPTY`` are proofs from the
+summaries, everything else is ``PARTIAL``. Cost: O(B * L) for the summaries plus
+O(B * (L / block_m) * (L / block_n)) for the classes.
+
+The rule restated for tiles. Write ``c(q) = w_q`` if ``w_q >= 0`` else ``-w_q - 1`` (the largest
+non-negative key step query ``q`` may see). Then a key with ``w_k >= 0`` is visible iff
+``w_k <= c(q)`` ("context" part), a key with ``w_k < 0`` iff ``w_k == w_q`` ("same-step" part),
+and in both cases the documents must agree and the key must not be padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+# Sentinels for min/max over an empty set; any real step or doc id lies strictly between them.
+_BIG = 2**40
+
+
+@dataclass(frozen=True)
+class _QueryTiles:
+    """Per query tile summaries, each ``(B, n_tiles)``; over valid queries (doc >= 0) only."""
+
+    all_valid: Tensor  # bool: every row of the tile is an in-range, non-padding query
+    any_valid: Tensor  # bool
+    doc_min: Tensor
+    doc_max: Tensor
+    step_min: Tensor
+    step_max: Tensor
+    ctx_min: Tensor  # min over queries of c(q)
+    ctx_max: Tensor  # max over queries of c(q)
+
+
+@dataclass(frozen=True)
+class _KeyTiles:
+    """Per key tile summaries, each ``(B, n_tiles)``; over valid keys (doc >= 0) only."""
+
+    all_valid: Tensor
+    any_valid: Tensor
+    doc_min: Tensor
+    doc_max: Tensor
+    any_ctx: Tensor  # some valid key has w_k >= 0
+    ctx_min: Tensor  # min / max of w_k over valid keys with w_k >= 0
+    ctx_max: Tensor
+    any_neg: Tensor  # some valid key has w_k < 0
+    neg_min: Tensor  # min / max of w_k over valid keys with w_k < 0
+    neg_max: Tensor
+
+
+def _blocked(x: Tensor, block: int, fill: int) -> Tensor:
+    """``(B, L)`` -> ``(B, ceil(L / block), block)``, the tail filled with ``fill``."""
+    b, length = x.shape
+    n = -(-length // block)
+    out = x.new_full((b, n * block), fill)
+    out[:, :length] = x
+    return out.view(b, n, block)
+
+
+def _masked_min(x: Tensor, keep: Tensor) -> Tensor:
+    return torch.where(keep, x, _BIG).amin(dim=-1)
+
+
+def _masked_max(x: Tensor, keep: Tensor) -> Tensor:
+    return torch.where(keep, x, -_BIG).amax(dim=-1)
+
+
+def _query_tiles(step: Tensor, doc: Tensor, block: int) -> _QueryTiles:
+    s = _blocked(step.long(), block, 0)
+    d = _blocked(doc.long(), block, -1)  # rows past the end behave as padding queries
+    valid = d >= 0
+    ctx = torch.where(s >= 0, s, -s - 1)
+    return _QueryTiles(
+        all_valid=valid.all(dim=-1), any_valid=valid.any(dim=-1),
+        doc_min=_masked_min(d, valid), doc_max=_masked_max(d, valid),
+        step_min=_masked_min(s, valid), step_max=_masked_max(s, valid),
+        ctx_min=_masked_min(ctx, valid), ctx_max=_masked_max(ctx, valid),
+    )
+
+
+def _key_tiles(step: Tensor, doc: Tensor, block: int) -> _KeyTiles:
+    s = _blocked(step.long(), block, 0)
+    d = _blocked(doc.long(), block, -1)  # columns past the end behave as padding keys
+    valid = d >= 0
+    is_ctx = valid & (s >= 0)
+    is_neg = valid & (s < 0)
+    return _KeyTiles(
+        all_valid=valid.all(dim=-1), any_valid=valid.any(dim=-1),
+        doc_min=_masked_min(d, valid), doc_max=_masked_max(d, valid),
+        any_ctx=is_ctx.any(dim=-1), ctx_min=_masked_min(s, is_ctx), ctx_max=_masked_max(s, is_ctx),
+        any_neg=is_neg.any(dim=-1), neg_min=_masked_min(s, is_neg), neg_max=_masked_max(s, is_neg),
+    )
+
+
+def resolve_layout(
+    step: Tensor,
+    doc_ids: Optional[Tensor],
+    q_step: Optional[Tensor],
+    q_doc_ids: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fill in the defaults of ``pseudo_mask_attention``'s layout arguments.
+
+    Returns ``(q_step, q_doc, k_step, k_doc)``: ``(B, Lq)`` and ``(B, Lk)`` integer tensors, with
+    one document (all zeros) when ``doc_ids`` is None and the keys' metadata for the queries when
+    ``q_step`` is None.
+    """
+    _check_layout("step", step, doc_ids)
+    k_doc = torch.zeros_like(step) if doc_ids is None else doc_ids
+    if q_step is None:
+        if q_doc_ids is not None:
+            raise ValueError("q_doc_ids was given without q_step: pass both (decoding) or neither")
+        return step, k_doc, step, k_doc
+    _check_layout("q_step", q_step, q_doc_ids)
+    if q_step.shape[0] != step.shape[0]:
+        raise ValueError(f"q_step has batch {q_step.shape[0]} but step has batch {step.shape[0]}")
+    if q_doc_ids is None:
+        if doc_ids is None:
+            return q_step, torch.zeros_like(q_step), step, k_doc
+        if q_step.shape != step.shape:
+            raise ValueError(f"q_doc_ids is required when doc_ids is given and queries ({q_step.shape[1]}) "
+                             f"and keys ({step.shape[1]}) differ in length")
+        return q_step, k_doc, step, k_doc
+    if doc_ids is None:
+        raise ValueError("q_doc_ids was given without doc_ids: pass the keys' doc_ids too")
+    return q_step, q_doc_ids, step, k_doc
+
+
+def _check_layout(name: str, step: Tensor, doc: Optional[Tensor]) -> None:
+    if step.dim() != 2 or step.dtype.is_floating_point or step.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer (B, L) tensor; got dtype {step.dtype}, shape "
+                         f"{tuple(step.shape)}: pass the layout's per-token step")
+    if doc is not None and doc.shape != step.shape:
+        raise ValueError(f"doc ids of shape {tuple(doc.shape)} do not match {name} of shape {tuple(step.shape)}")
+
+
+def tile_classes(
+    q_step: Tensor,
+    q_doc: Tensor,
+    k_step: Tensor,
+    k_doc: Tensor,
+    block_m: int,
+    block_n: int,
+) -> Tensor:
+    """Class of every (query tile, key tile): ``EMPTY``, ``PARTIAL`` or ``FULL``.
+
+    Args:
+        q_step, q_doc: ``(B, Lq)`` step and document (-1 = padding) of every query.
+        k_step, k_doc: ``(B, Lk)`` the same for every key.
+        block_m, block_n: query and key tile sizes.
+    Returns:
+        ``(B, ceil(Lq / block_m), ceil(Lk / block_n))`` int8.
+    """
+    _check_layout("q_step", q_step, q_doc)
+    _check_layout("k_step", k_step, k_doc)
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+    qt = _query_tiles(q_step, q_doc, block_m)
+    kt = _key_tiles(k_step, k_doc, block_n)
+
+    def Q(x: Tensor) -> Tensor:  # (B, nQ) -> (B, nQ, 1)
+        return x.unsqueeze(-1)
+
+    def K(x: Tensor) -> Tensor:  # (B, nK) -> (B, 1, nK)
+        return x.unsqueeze(-2)
+
+    # Empty: a visible pair needs a shared document and either the context or the same-step part.
+    docs_meet = (Q(qt.any_valid) & K(kt.any_valid)
+                 & (Q(qt.doc_min) <= K(kt.doc_max)) & (K(kt.doc_min) <= Q(qt.doc_max)))
+    ctx_possible = K(kt.any_ctx) & (K(kt.ctx_min) <= Q(qt.ctx_max))
+    q_neg_max = Q(qt.step_max).clamp(max=-1)  # the negative query steps lie in [step_min, q_neg_max]
+    same_possible = (K(kt.any_neg) & (Q(qt.step_min) < 0)
+                     & (K(kt.neg_min) <= q_neg_max) & (Q(qt.step_min) <= K(kt.neg_max)))
+    nonempty = docs_meet & (ctx_possible | same_possible)
+
+    # Full: every query and key valid, one document, every key visible to every query.
+    one_doc = (Q(qt.all_valid) & K(kt.all_valid) & Q(qt.doc_min == qt.doc_max)
+               & K(kt.doc_min == kt.doc_max) & (Q(qt.doc_min) == K(kt.doc_min)))
+    ctx_all = ~K(kt.any_ctx) | (K(kt.ctx_max) <= Q(qt.ctx_min))
+    same_all = ~K(kt.any_neg) | (Q(qt.step_min == qt.step_max) & K(kt.neg_min == kt.neg_max)
+                                 & (Q(qt.step_min) == K(kt.neg_min)))
+    full = one_doc & ctx_all & same_all
+
+    classes = torch.full(nonempty.shape, EMPTY, dtype=torch.int8, device=q_step.device)
+    classes[nonempty] = PARTIAL
+    classes[full & nonempty] = FULL
+    return classes
+
+
+def tile_lists(classes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Compact per-row lists of the tiles a kernel program visits (like a block-sparse index).
+
+    Args:
+        classes: ``(B, R, C)`` from :func:`tile_classes` (or its transpose for key-major passes).
+    Returns:
+        ``full_idx (B, R, C)``, ``full_cnt (B, R)``, ``part_idx (B, R, C)``, ``part_cnt (B, R)``,
+        all int32 and contiguous: the first ``cnt[b, r]`` entries of ``idx[b, r]`` are the
+        column indices of that class, ascending.
+    """
+    out: list[Tensor] = []
+    for cls in (FULL, PARTIAL):
+        hit = classes == cls
+        # A stable sort on "not a hit" puts the hits first, in ascending column order.
+        idx = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
+        out += [idx, hit.sum(dim=-1, dtype=torch.int32).contiguous()]
+    return out[0], out[1], out[2], out[3]
+
+
+@dataclass(frozen=True)
+class TileStats:
+    """How much of the dense ``(Lq, Lk)`` score matrix the kernel computes, per batch."""
+
+    block_m: int
+    block_n: int
+    empty: int
+    partial: int
+    full: int
+    visible_pairs: int  # (query, key) pairs the mask allows, summed over the batch
+    dense_pairs: int  # B * Lq * Lk
+
+    @property
+    def total(self) -> int:
+        return self.empty + self.partial + self.full
+
+    @property
+    def computed_fraction(self) -> float:
+        """Tiles computed (partial + full) over all tiles: the kernel's FLOPs relative to dense."""
+        return (self.partial + self.full) / max(1, self.total)
+
+    @property
+    def visible_fraction(self) -> float:
+        """Visible pairs over dense pairs: the FLOPs an ideal element-sparse kernel would do."""
+        return self.visible_pairs / max(1, self.dense_pairs)
+
+    def flops(self, num_heads: int, head_dim: int, backward: bool = False) -> int:
+        """Matmul FLOPs of the computed tiles: 2 matmuls forward (QK^T, PV), 5 backward
+        (QK^T again, dV, dP, dQ, dK), 2 * block_m * block_n * head_dim each."""
+        per_tile = 2 * self.block_m * self.block_n * head_dim * (5 if backward else 2)
+        return (self.partial + self.full) * num_heads * per_tile
+
+
+def tile_stats(
+    step: Tensor,
+    doc_ids: Optional[Tensor] = None,
+    block_m: int = 128,
+    block_n: int = 64,
+    *,
+    q_step: Optional[Tensor] = None,
+    q_doc_ids: Optional[Tensor] = None,
+) -> TileStats:
+    """The FLOP model: tile counts of a layout at the given block sizes.
+
+    Args:
+        step: ``(B, Lk)`` per-key step (per query too when ``q_step`` is None).
+        doc_ids: ``(B, Lk)`` document per key, -1 for padding; None for one document per row.
+        block_m, block_n: query and key tile sizes of the kernel pass to model.
+        q_step, q_doc_ids: ``(B, Lq)`` the queries' own metadata when they differ from the keys.
+    """
+    from pmlm_engine.attention import dense_pseudo_mask
+
+    qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
+    classes = tile_classes(qs, qd, ks, kd, block_m, block_n)
+    counts = torch.bincount(classes.flatten().long(), minlength=3).tolist()
+    visible = int(dense_pseudo_mask(ks, kd, q_step=qs, q_doc_ids=qd).sum())
+    return TileStats(block_m=block_m, block_n=block_n, empty=counts[EMPTY], partial=counts[PARTIAL],
+                     full=counts[FULL], visible_pairs=visible, dense_pairs=qs.numel() * step.shape[-1])
