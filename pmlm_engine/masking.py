@@ -42,6 +42,11 @@ def sample_spans(maskable: np.ndarray, rng: SplitMix64, cfg: MaskingConfig) -> l
     spans: list[Span] = []
     count = 0
     length_range = cfg.span_max - cfg.span_min + 1
+    # With span_prob == 1 and every untaken maskable run shorter than span_min no span can ever
+    # be accepted. After many rejections in a row, check that progress is still possible; the
+    # check draws nothing (the C++ twin does the same), so the stream is unchanged.
+    check_every = 4096 + 64 * len(maskable)
+    rejected = 0
     while count < budget:
         start = int(positions[rng.randbelow(n)])
         length = 1
@@ -49,11 +54,38 @@ def sample_spans(maskable: np.ndarray, rng: SplitMix64, cfg: MaskingConfig) -> l
             length = cfg.span_min + rng.randbelow(length_range)
         end = start + length
         if end > len(maskable) or not maskable[start:end].all() or taken[start:end].any():
+            rejected += 1
+            if rejected >= check_every:
+                if not _can_progress(maskable, taken, cfg):
+                    raise ValueError(
+                        f"span sampling cannot reach its budget: {count} of {budget} tokens masked and no "
+                        f"span can be accepted with span_prob={cfg.span_prob}, span_min={cfg.span_min} "
+                        "(every untaken maskable run is shorter than span_min); lower span_min or use "
+                        "span_prob < 1")
+                rejected = 0
             continue
+        rejected = 0
         taken[start:end] = True
         spans.append((start, end))
         count += length
     return spans
+
+
+def _can_progress(maskable: np.ndarray, taken: np.ndarray, cfg: MaskingConfig) -> bool:
+    """True when some span could still be accepted. Length 1 is drawable iff ``span_prob < 1``
+    (``uniform() < 1`` always); a multi-token span needs ``span_prob > 0`` and an untaken
+    maskable run of at least ``span_min`` tokens."""
+    run = 0
+    for free in (maskable & ~taken).tolist():
+        if not free:
+            run = 0
+            continue
+        if cfg.span_prob < 1.0:
+            return True
+        run += 1
+        if run >= cfg.span_min and cfg.span_prob > 0.0:
+            return True
+    return False
 
 
 def shuffle_spans(spans: list[Span], rng: SplitMix64) -> list[Span]:

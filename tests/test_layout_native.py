@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from pmlm_engine import _native
@@ -55,10 +55,10 @@ def make_sequence(length: int, special_runs: list[tuple[int, int]], middle_sep: 
 
 @st.composite
 def masking_configs(draw: st.DrawFn) -> MaskingConfig:
-    """Masking configurations, including the extremes span_prob 0 and 1 (the latter with
-    span_min 1, so that the Python reference cannot loop forever)."""
+    """Masking configurations, including the extremes span_prob 0 and 1 (with span_prob 1 and
+    span_min > 1 the budget can be unreachable: both paths must then raise the same error)."""
     span_prob = draw(st.one_of(st.sampled_from([0.0, 0.4, 1.0]), st.floats(0.0, 1.0)))
-    span_min = 1 if span_prob == 1.0 else draw(st.integers(1, 4))
+    span_min = draw(st.integers(1, 4))
     span_max = draw(st.integers(span_min, span_min + 6))
     mask_prob = draw(st.one_of(st.sampled_from([0.0, 0.8, 1.0]), st.floats(0.0, 1.0)))
     random_prob = draw(st.one_of(st.sampled_from([0.0, 0.1, 1.0 - mask_prob]), st.floats(0.0, 1.0 - mask_prob)))
@@ -99,9 +99,17 @@ def assert_same(native: Example, reference: Example) -> None:
 def test_cpp_equals_python(seq: tuple, cfg: MaskingConfig, special: SpecialIds, seed: int) -> None:
     """For any length 3..600, any maskable pattern ([CLS]/[SEP] and runs of specials), any valid
     masking configuration, [P] equal to or separate from [MASK], and any 64-bit seed, the C++
-    builder returns exactly the Python reference's example."""
+    builder returns exactly the Python reference's example, or both raise the same ValueError
+    (unreachable budget) after the same draws."""
     tokens, segment_ids, maskable = make_sequence(*seq)
-    reference = build_example_python(tokens, segment_ids, maskable, seed, cfg, special)
+    try:
+        reference = build_example_python(tokens, segment_ids, maskable, seed, cfg, special)
+    except ValueError as exc:
+        event("unreachable budget: both raise")
+        assert "no span can be accepted" in str(exc)
+        with pytest.raises(ValueError, match="no span can be accepted"):
+            build_example(tokens, segment_ids, maskable, seed, cfg, special, backend="cpp")
+        return
     native = build_example(tokens, segment_ids, maskable, seed, cfg, special, backend="cpp")
     assert_same(native, reference)
 
@@ -152,14 +160,24 @@ def test_no_maskable_and_empty() -> None:
        cfg=masking_configs(), special=special_ids())
 def test_batched_equals_single(batch: list, cfg: MaskingConfig, special: SpecialIds) -> None:
     """``build_examples`` (one C++ call for a batch) returns, per sequence, the example that
-    ``build_example_python`` builds for it."""
+    ``build_example_python`` builds for it; where the reference raises (unreachable budget),
+    the batch raises a ValueError naming the first failing sequence."""
     seqs = [make_sequence(*s) for s, _ in batch]
     seeds = [seed for _, seed in batch]
+    references: list[Example] = []
+    for i, ((tokens, segs, mask), seed) in enumerate(zip(seqs, seeds)):
+        try:
+            references.append(build_example_python(tokens, segs, mask, seed, cfg, special))
+        except ValueError:
+            with pytest.raises(ValueError, match=f"^sequence {i}: span sampling"):
+                _native.build_examples([s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs],
+                                       seeds, cfg, special)
+            return
     native = _native.build_examples([s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs],
                                     seeds, cfg, special)
     assert len(native) == len(batch)
-    for (tokens, segs, mask), seed, got in zip(seqs, seeds, native):
-        assert_same(got, build_example_python(tokens, segs, mask, seed, cfg, special))
+    for got, want in zip(native, references):
+        assert_same(got, want)
 
 
 @given(seed=st.integers(0, 2**64 - 1), keys=st.lists(st.integers(0, 2**64 - 1), max_size=4))
@@ -231,12 +249,37 @@ def test_wrapper_rejects_mismatched_lengths_and_bad_range() -> None:
 
 def test_impossible_budget_raises_instead_of_hanging() -> None:
     """With span_prob=1 and span_min=3 but maskable runs of 2 tokens, no span can ever be
-    accepted: the Python reference loops forever, the C++ path raises ValueError saying why."""
+    accepted: both paths raise ValueError saying why (the Python reference used to loop forever)."""
     tokens = np.arange(1000, 1012, dtype=np.int64)
     maskable = np.array([0, 1, 1, 0] * 3, dtype=bool)
     cfg = MaskingConfig(span_prob=1.0, span_min=3, span_max=4)
-    with pytest.raises(ValueError, match="no span can be accepted"):
-        build_example(tokens, np.zeros(12, np.int64), maskable, 0, cfg, SPECIAL, backend="cpp")
+    for backend in ("cpp", "python"):
+        with pytest.raises(ValueError, match="no span can be accepted"):
+            build_example(tokens, np.zeros(12, np.int64), maskable, 0, cfg, SPECIAL, backend=backend)
+
+
+def test_stuck_midway_same_state_both_paths() -> None:
+    """Short maskable runs with span_prob=1, span_min=2: some seeds fill the budget, others get
+    stuck after accepting a few spans. Both paths agree on which, and when stuck they report the
+    same masked count (the same spans were accepted from the same draws)."""
+    maskable = np.array([0] + [1, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0] * 6 + [0], dtype=bool)
+    tokens = np.arange(1000, 1000 + len(maskable), dtype=np.int64)
+    segs = np.zeros(len(maskable), np.int64)
+    cfg = MaskingConfig(mask_ratio=0.6, span_prob=1.0, span_min=2, span_max=3)
+    outcomes = set()
+    for seed in range(12):
+        try:
+            reference = build_example_python(tokens, segs, maskable, seed, cfg, SPECIAL)
+        except ValueError as exc:
+            with pytest.raises(ValueError) as native_exc:
+                build_example(tokens, segs, maskable, seed, cfg, SPECIAL, backend="cpp")
+            count = str(exc).split(":")[1].split("tokens masked")[0]
+            assert count in str(native_exc.value), (str(exc), str(native_exc.value))
+            outcomes.add("stuck")
+            continue
+        assert_same(build_example(tokens, segs, maskable, seed, cfg, SPECIAL, backend="cpp"), reference)
+        outcomes.add("filled")
+    assert outcomes == {"stuck", "filled"}, outcomes
 
 
 def test_batched_rejects_bad_input() -> None:
