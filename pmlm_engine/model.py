@@ -245,3 +245,36 @@ class PMLMModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def extend_positions(model: PMLMModel, new_max: int) -> PMLMModel:
+    """Grow the absolute position table to ``new_max`` rows, in place, for inputs longer than pre-training's.
+
+    Row ``i`` of the new table is a copy of row ``i % old_max`` of the old one (the old rows
+    repeated cyclically), as s2s-ft does with ``reuse_position_embedding``: the copies start
+    from trained values instead of noise, and fine-tuning separates them. The relative
+    position bias needs no change (it depends on distances, clipped at ``rel_pos_max_distance``).
+    ``model.config.max_position`` is updated, so a saved model reloads at the new size.
+
+    Args:
+        model: the model to change.
+        new_max: rows wanted; must be at least the current ``max_position``.
+    Returns:
+        ``model`` itself.
+    """
+    old = model.embeddings.position_embeddings
+    old_max = old.num_embeddings
+    if not isinstance(new_max, int) or new_max < old_max:
+        raise ValueError(f"extend_positions: new_max={new_max!r} must be an int >= the current "
+                         f"max_position={old_max} (the table only grows; truncate inputs instead)")
+    if new_max == old_max:
+        return model
+    weight = old.weight.detach()  # (old_max, C)
+    index = torch.arange(new_max, device=weight.device) % old_max
+    new = nn.Embedding(new_max, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight.index_select(0, index))  # (new_max, C)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    model.embeddings.position_embeddings = new
+    model.config.max_position = new_max
+    return model
