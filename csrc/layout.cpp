@@ -59,9 +59,9 @@ std::vector<Span> sample_spans(const uint8_t* maskable, int64_t m, SplitMix64& r
   // Same IEEE double product and ceil as Python's math.ceil(cfg.mask_ratio * n).
   const int64_t budget = static_cast<int64_t>(std::ceil(p.mask_ratio * static_cast<double>(n)));
   const uint64_t length_range = static_cast<uint64_t>(p.span_max - p.span_min + 1);
-  // Python loops forever when no span can be accepted (span_prob == 1 and every untaken run is
-  // shorter than span_min). After many rejections in a row we check whether progress is still
-  // possible; the check draws nothing, so whenever Python terminates the draws are identical.
+  // No span can be accepted when span_prob == 1 and every untaken run is shorter than span_min.
+  // After many rejections in a row check whether progress is still possible (masking.py does the
+  // same at the same count, with the same message); the check draws nothing.
   const int64_t check_every = 4096 + 64 * m;
   int64_t rejected = 0;
   while (masked_count < budget) {

@@ -9,6 +9,7 @@ order or the corruption, and these tests fail. Skipped when the extension is not
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ SPECIAL = SpecialIds(cls=CLS, sep=SEP, mask=MASK, pad=PAD, random_lo=1000, rando
 FIELDS = ("input_ids", "position_ids", "segment_ids", "step", "labels")
 
 
-def _C():  # noqa: N802 - the extension's own name
+def _C() -> Any:  # noqa: N802 - the extension's own name
+    """The loaded ``pmlm_engine._C`` module."""
     return _native._C
 
 
