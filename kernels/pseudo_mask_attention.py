@@ -50,8 +50,9 @@ from pmlm_engine.attention import RelativePositionBias, register_backend, relati
 
 from .tile_stats import resolve_layout, tile_classes, tile_lists
 
-LOG2E = 1.4426950408889634  # the kernels work in base 2: exp(x) = exp2(x * log2(e))
-LN2 = 0.6931471805599453
+# The kernels work in base 2: exp(x) = exp2(x * log2(e)). Kernel globals must be tl.constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -514,42 +515,56 @@ class BlockConfig:
 
     ``block_m`` x ``block_n``: forward (queries x keys). ``block_m1`` x ``block_n1``: the dK/dV pass
     (a program owns ``block_n1`` keys and walks query tiles of ``block_m1``). ``block_m2`` x
-    ``block_n2``: the dQ pass. All must be powers of two >= 16 (``tl.dot``'s minimum).
+    ``block_n2``: the dQ pass. Blocks must be powers of two >= 16 (``tl.dot``'s minimum). Each
+    pass has its own ``num_warps`` / ``num_stages``. Smaller tiles skip more of a pseudo-mask
+    (finer classification) but do less work per loaded tile.
     """
 
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    block_m1: int = 32
-    block_n1: int = 64
-    block_m2: int = 64
-    block_n2: int = 32
-    bwd_num_warps: int = 4
-    bwd_num_stages: int = 2
+    block_m1: int = 16
+    block_n1: int = 128
+    num_warps1: int = 8
+    num_stages1: int = 2
+    block_m2: int = 32
+    block_n2: int = 64
+    num_warps2: int = 4
+    num_stages2: int = 2
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ValueError(f"BlockConfig.{name}={value!r}: expected a power of two >= 16")
-        for name in ("num_warps", "bwd_num_warps"):
+        for name in ("num_warps", "num_warps1", "num_warps2"):
             value = getattr(self, name)
             if value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"BlockConfig.{name}={value!r}: expected 1, 2, 4, 8 or 16")
-        for name in ("num_stages", "bwd_num_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BlockConfig.{name}={getattr(self, name)!r}: expected >= 1")
+        for name in ("num_stages", "num_stages1", "num_stages2"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockConfig.{name}={value!r}: expected an int >= 1")
+
+    @classmethod
+    def uniform(cls, block: int) -> "BlockConfig":
+        """Every pass tiled ``block`` x ``block`` (tests use small blocks to exercise tile classes)."""
+        return cls(block_m=block, block_n=block, block_m1=block, block_n1=block, block_m2=block, block_n2=block)
 
 
-# Defaults per head dim, chosen with ``aot_report`` so that no pass spills registers on sm_80 or
-# sm_90 in fp16 or bf16 (see that module for the measured table).
+# Defaults per head dim, chosen with ``aot_report`` (compiled for sm_80 and sm_90, fp16 and bf16,
+# bias on) so that no pass spills and every pass stays below the 255-register ceiling with
+# headroom (registers sm_80 / sm_90): D = 64: fwd 184/139, dK/dV 226/200, dQ 159/168;
+# D = 128: fwd 177/169, dK/dV 234/179, dQ 177/157. ptxas spills a few bytes erratically on
+# small dQ variants (D = 32 at 32x64 on sm_80), hence the per-head-dim dQ tiles. Not yet timed
+# on a GPU: these are "fits without spilling" choices, not measured optima.
 DEFAULT_CONFIGS: dict[int, BlockConfig] = {
     16: BlockConfig(),
-    32: BlockConfig(),
+    32: BlockConfig(block_m2=64, block_n2=32),
     64: BlockConfig(),
-    128: BlockConfig(block_m=64, block_n=32, num_warps=4, block_m1=16, block_n1=64,
-                     block_m2=64, block_n2=16, bwd_num_warps=4),
+    128: BlockConfig(block_m=64, block_n=64, num_warps=8, block_m1=16, block_n1=64, num_warps1=8,
+                     block_m2=64, block_n2=32, num_warps2=8),
 }
 
 
@@ -606,7 +621,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, q_step: Tensor, q_doc: Tensor, k_
         q, k, v, out, lse, q_step, q_doc, q_pos, k_step, k_doc, k_pos, lut,
         full_idx, full_cnt, part_idx, part_cnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Lq, Lk, n_q_tiles, n_k_tiles, scale * LOG2E,
+        H, Lq, Lk, n_q_tiles, n_k_tiles, scale * LOG2E.value,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, MAX_DISTANCE=max_distance,
         HAS_BIAS=has_bias, DOT_FP32=dot_fp32, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -642,10 +657,10 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     _attn_bwd_preprocess[(triton.cdiv(Lq, pre_block), B * H)](
         out, do, dlse if dlse is not None else _placeholder(q.device, torch.float32), delta,
         *out.stride(), *do.stride(), H, Lq,
-        BLOCK_M=pre_block, HEAD_DIM=D, HAS_DLSE=dlse is not None,
+        BLOCK_M=pre_block, HEAD_DIM=D, HAS_DLSE=dlse is not None, num_warps=4, num_stages=1,
     )
     common = dict(HEAD_DIM=D, MAX_DISTANCE=max_distance, HAS_BIAS=has_bias, DOT_FP32=dot_fp32,
-                  PRECISION=precision, num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages)
+                  PRECISION=precision)
 
     full_idx, full_cnt, part_idx, part_cnt = _grid_lists(q_step, q_doc, k_step, k_doc, cfg.block_m1,
                                                          cfg.block_n1, key_major=True)
@@ -654,8 +669,9 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         q, k, v, do, lse, delta, dk, dv, dlut_arg, q_step, q_doc, q_pos, k_step, k_doc, k_pos, lut,
         full_idx, full_cnt, part_idx, part_cnt,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        H, Lq, Lk, n_q_tiles, n_k_tiles, scale * LOG2E, scale,
-        BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, **common,
+        H, Lq, Lk, n_q_tiles, n_k_tiles, scale * LOG2E.value, scale,
+        BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps1, num_stages=cfg.num_stages1,
+        **common,
     )
     full_idx, full_cnt, part_idx, part_cnt = _grid_lists(q_step, q_doc, k_step, k_doc, cfg.block_m2,
                                                          cfg.block_n2, key_major=False)
@@ -664,8 +680,9 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         q, k, v, do, lse, delta, dq, q_step, q_doc, q_pos, k_step, k_doc, k_pos, lut,
         full_idx, full_cnt, part_idx, part_cnt,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        H, Lq, Lk, n_q_tiles, n_k_tiles, scale * LOG2E, scale,
-        BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, **common,
+        H, Lq, Lk, n_q_tiles, n_k_tiles, scale * LOG2E.value, scale,
+        BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, num_warps=cfg.num_warps2, num_stages=cfg.num_stages2,
+        **common,
     )
     return dq, dk, dv, dlut.sum(0) if has_bias else dlut
 
