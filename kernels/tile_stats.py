@@ -141,9 +141,11 @@ def resolve_layout(
 
 
 def _check_layout(name: str, step: Tensor, doc: Optional[Tensor]) -> None:
-    if step.dim() != 2 or step.dtype.is_floating_point or step.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer (B, L) tensor; got dtype {step.dtype}, shape "
-                         f"{tuple(step.shape)}: pass the layout's per-token step")
+    for what, t in ((name, step), ("doc ids", doc)):
+        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+            raise TypeError(f"{what} must be an integer tensor; got {t.dtype}: pass the layout's int64 ids")
+    if step.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, L); got {tuple(step.shape)}")
     if doc is not None and doc.shape != step.shape:
         raise ValueError(f"doc ids of shape {tuple(doc.shape)} do not match {name} of shape {tuple(step.shape)}")
 
