@@ -1,0 +1,195 @@
+"""Cached decoding equals recomputation; search rules (beam 1 = greedy, n-gram blocking, min length) hold."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pmlm_engine.decode import CachedScorer, DecodeConfig, Hypothesis, beam_search, generate, greedy_search
+from pmlm_engine.layout import build_seq2seq_example, collate_padded
+
+from .helpers import SPECIAL, tiny_model
+
+SOURCES = [[7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
+BANNED = {SPECIAL.pad, SPECIAL.cls, SPECIAL.mask, SPECIAL.p}
+
+
+def _model(eos_boost: float = 2.0, seed: int = 0):
+    """Tiny float64 model (relative bias on) with weights large enough that its outputs depend on the context,
+    and a [SEP] bias that makes hypotheses end at varied lengths."""
+    model = tiny_model(torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "rel_pos_bias" not in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        model.lm_head.bias[SPECIAL.sep] += eos_boost
+    return model
+
+
+# --------------------------------------------------------------------------- the no-cache reference
+
+
+def _ref_logprobs(model, src: list[int], prefix: list[int]) -> np.ndarray:
+    """Next-token log-probabilities by recomputing the whole fine-tuning layout (no cache): the source,
+    ``prefix`` as teacher-forced target, and the [P] of the next position."""
+    ex = build_seq2seq_example(src, prefix + [SPECIAL.sep], SPECIAL)  # the last target token is a placeholder
+    batch = collate_padded([ex], SPECIAL.pad)
+    with torch.no_grad():
+        h = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"], batch["step"], batch["doc_ids"])
+        col = int((batch["step"][0] == -(len(prefix) + 1)).nonzero())
+        return torch.log_softmax(model.lm_head(h[0, col:col + 1]), -1)[0].numpy()
+
+
+def _allowed(hist: list[int], t: int, cfg: DecodeConfig, vocab: int) -> list[int]:
+    """The rules, restated naively: banned ids, [SEP] before min_len, repeated n-grams."""
+    n = cfg.no_repeat_ngram_size
+    seen = {tuple(hist[i:i + n]) for i in range(len(hist) - n + 1)
+            if n and not set(hist[i:i + n]) & set(cfg.ngram_ignore)}
+    out = []
+    for w in range(vocab):
+        if w in BANNED or (w == SPECIAL.sep and t - 1 < cfg.min_len):
+            continue
+        if n and len(hist) >= n - 1 and tuple(hist[len(hist) - n + 1:] + [w]) in seen:
+            continue
+        out.append(w)
+    return out
+
+
+def _lp(length: int, alpha: float) -> float:
+    return ((5 + length) / 6) ** alpha
+
+
+def ref_greedy(model, src: list[int], cfg: DecodeConfig) -> Hypothesis:
+    hist: list[int] = []
+    total = 0.0
+    for t in range(1, cfg.max_len + 1):
+        lp = _ref_logprobs(model, src, hist)
+        w = max(_allowed(hist, t, cfg, len(lp)), key=lambda v: lp[v])
+        total += float(lp[w])
+        if w == SPECIAL.sep:
+            return Hypothesis(hist, total, t, total / _lp(t, cfg.length_penalty), True)
+        hist = hist + [w]
+    return Hypothesis(hist, total, cfg.max_len, total / _lp(cfg.max_len, cfg.length_penalty), False)
+
+
+def ref_beam(model, src: list[int], cfg: DecodeConfig) -> list[Hypothesis]:
+    k = cfg.beam_size
+    beams = [(0.0, [])]
+    finished: list[Hypothesis] = []
+    for t in range(1, cfg.max_len + 1):
+        cands = []
+        for score, hist in beams:
+            lp = _ref_logprobs(model, src, hist)
+            cands += [(score + float(lp[w]), hist, w) for w in _allowed(hist, t, cfg, len(lp))]
+        cands.sort(key=lambda c: -c[0])
+        nxt = []
+        for rank, (score, hist, w) in enumerate(cands[:2 * k]):
+            if w == SPECIAL.sep:
+                if rank < k and len(finished) < k:
+                    finished.append(Hypothesis(hist, score, t, score / _lp(t, cfg.length_penalty), True))
+            elif len(nxt) < k:
+                nxt.append((score, hist + [w]))
+        if t == cfg.max_len:
+            finished += [Hypothesis(h, s, t, s / _lp(t, cfg.length_penalty), False) for s, h in nxt]
+            break
+        if len(finished) >= k:
+            break
+        beams = nxt
+    return sorted(finished, key=lambda h: -h.score)
+
+
+def _same(got: Hypothesis, want: Hypothesis) -> None:
+    assert got.tokens == want.tokens and got.length == want.length and got.ended == want.ended
+    assert math.isclose(got.logprob, want.logprob, rel_tol=1e-10, abs_tol=1e-10)
+    assert math.isclose(got.score, want.score, rel_tol=1e-10, abs_tol=1e-10)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(max_len=9), DecodeConfig(max_len=7, min_len=3, no_repeat_ngram_size=2,
+                                                                       length_penalty=1.0)])
+def test_cached_greedy_equals_recomputation(cfg: DecodeConfig):
+    """Batched cached greedy decoding (padded sources of different lengths) gives exactly the tokens, and the
+    scores to 1e-10 (float64), of recomputing the full fine-tuning layout at every step."""
+    model = _model()
+    got = greedy_search(CachedScorer(model, SPECIAL), SOURCES, cfg, SPECIAL)
+    want = [ref_greedy(model, s, cfg) for s in SOURCES]
+    if cfg.min_len == 0:  # the test exercises both endings: [SEP] and max_len
+        assert any(h.ended for h in want) and any(not h.ended for h in want)
+    for g, w in zip(got, want):
+        _same(g, w)
+
+
+@pytest.mark.parametrize("cfg,eos_boost", [
+    (DecodeConfig(beam_size=3, max_len=6), 3.0),  # one sentence done early (3 x [SEP]), one at max_len only
+    (DecodeConfig(beam_size=4, max_len=6, min_len=2, length_penalty=0.7, no_repeat_ngram_size=2,
+                  ngram_ignore=(9,)), 2.0)])
+def test_cached_beam_equals_recomputation(cfg: DecodeConfig, eos_boost: float):
+    """Cached batched beam search returns the same finished hypotheses (tokens exactly, scores to 1e-10) as a
+    per-sentence beam search that recomputes every beam's whole sequence at every step."""
+    model = _model(eos_boost)
+    got = beam_search(CachedScorer(model, SPECIAL), SOURCES, cfg, SPECIAL)
+    for src, hyps in zip(SOURCES, got):
+        want = ref_beam(model, src, cfg)
+        assert len(hyps) == len(want) >= 1
+        for g, w in zip(hyps, want):
+            _same(g, w)
+
+
+def test_beam_size_one_equals_greedy():
+    """Beam search with one beam returns greedy's hypotheses (tokens, log-probabilities and lengths)."""
+    model = _model(seed=1)
+    for cfg in (DecodeConfig(max_len=10), DecodeConfig(max_len=8, min_len=2, no_repeat_ngram_size=1)):
+        greedy = greedy_search(CachedScorer(model, SPECIAL), SOURCES, cfg, SPECIAL)
+        beam = beam_search(CachedScorer(model, SPECIAL), SOURCES, cfg, SPECIAL)
+        for g, b in zip(greedy, beam):
+            assert g.tokens == b[0].tokens and g.length == b[0].length and g.ended == b[0].ended
+            assert g.logprob == b[0].logprob
+
+
+def test_ngram_blocking_and_min_length_are_honoured():
+    """With a model that wants to repeat one token and to stop at once, outputs hold no repeated n-gram (except
+    through ignored tokens), never stop before min_len, and never emit a banned id."""
+    model = _model(eos_boost=8.0)
+    with torch.no_grad():
+        model.lm_head.bias[17] += 6.0  # a token the model would repeat forever
+    for beam in (1, 3):
+        cfg = DecodeConfig(beam_size=beam, max_len=8, min_len=4, no_repeat_ngram_size=2)
+        for h in generate(model, SOURCES, SPECIAL, cfg):
+            grams = [tuple(h.tokens[i:i + 2]) for i in range(len(h.tokens) - 1)]
+            assert len(grams) == len(set(grams)), h.tokens
+            assert h.length >= 5 and h.ended  # 4 tokens, then [SEP] as soon as allowed
+            assert not BANNED & set(h.tokens)
+        free = generate(model, SOURCES, SPECIAL, DecodeConfig(beam_size=beam, max_len=8, min_len=4))
+        assert any(h.tokens.count(17) > 2 for h in free)  # without blocking, the model repeats itself
+        ignored = generate(model, SOURCES, SPECIAL, DecodeConfig(beam_size=beam, max_len=8, min_len=4,
+                                                                 no_repeat_ngram_size=2, ngram_ignore=(17,)))
+        assert [h.tokens for h in ignored] == [h.tokens for h in free]  # n-grams through 17 are exempt
+
+
+def test_keys_and_values_are_projected_once_per_token():
+    """Incremental decoding projects every token once: the key layers see (source + [P]_1) rows in the first
+    call and two rows ([y_{t-1}, [P]_t]) per later step, never the cached ones again."""
+    model = _model(eos_boost=-50.0)  # never stops: exactly max_len steps
+    rows = []
+    hooks = [layer.attention["self"].key.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:2]))
+             for layer in model.encoder["layer"]]
+    src = SOURCES[0]
+    hyp = generate(model, [src], SPECIAL, DecodeConfig(max_len=6))[0]
+    for h in hooks:
+        h.remove()
+    assert hyp.length == 6 and not hyp.ended
+    per_layer = rows[::len(model.encoder["layer"])]
+    assert per_layer == [torch.Size([1, len(src) + 3])] + [torch.Size([1, 2])] * 5
+
+
+def test_too_long_for_the_position_table_is_an_error():
+    """A source plus max_len beyond the position table is a ValueError naming the fix."""
+    model = _model()
+    with pytest.raises(ValueError, match="positions"):
+        generate(model, [list(range(5, 60)) * 2], SPECIAL, DecodeConfig(max_len=20))

@@ -1,0 +1,191 @@
+"""Fine-tuning: the one-pass seq2seq loss equals its per-position definition; inputs fail loudly or are cut
+as documented; a run writes a model folder that decode loads."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pmlm_engine.attention import _reference, register_backend
+from pmlm_engine.finetune import FinetuneConfig, build_examples, finetune, seq2seq_loss
+from pmlm_engine.layout import collate_padded
+from pmlm_engine.s2s_data import EncodedPairs, PairRecord, encode_pairs, read_jsonl_pairs
+
+from .helpers import SPECIAL, tiny_model
+
+# A test-only backend that ignores the layout and attends through an explicit mask (as in test_single_pass),
+# so the naive computation never goes through the rule it checks.
+_EXPLICIT: dict[str, torch.Tensor] = {}
+register_backend("explicit-s2s-mask", lambda q, k, v, step, doc, bias, scale, p, qs, qd:
+                 _reference(q, k, v, _EXPLICIT["mask"], bias, scale, p))
+
+
+@contextlib.contextmanager
+def explicit_mask(model, mask: torch.Tensor):
+    _EXPLICIT["mask"] = mask
+    model.set_attention_backend("explicit-s2s-mask")
+    try:
+        yield
+    finally:
+        model.set_attention_backend("reference")
+
+
+def _naive_token_losses(model, src: list[int], teacher: list[int], tgt: list[int], smoothing: float) -> torch.Tensor:
+    """One forward per target position i: [CLS] src [SEP] (bidirectional), the teacher copies t_<i (causal, seeing
+    the source), and one [P] at position |main| + i - 1 that sees everything; cross-entropy of its output."""
+    main = [SPECIAL.cls, *src, SPECIAL.sep]
+    m = len(main)
+    losses = []
+    for i in range(1, len(tgt) + 1):
+        ids = main + teacher[:i - 1] + [SPECIAL.p]
+        n = len(ids)
+        pos = list(range(n))  # t_j sits at m + j - 1 and [P]_i at m + i - 1: consecutive
+        seg = [0] * m + [1] * (n - m)
+        mask = torch.zeros(1, n, n, dtype=torch.bool)
+        mask[0, :, :m] = True
+        for a in range(m, n - 1):
+            mask[0, a, m:a + 1] = True  # causal target copies
+        mask[0, n - 1, :] = True  # the [P] sees the source, t_<i and itself
+        t = lambda x: torch.tensor([x])  # noqa: E731
+        with explicit_mask(model, mask):
+            h = model(t(ids), t(pos), t(seg), t([0] * n))[0]
+        logits = model.lm_head(h[-1:])
+        losses.append(F.cross_entropy(logits, torch.tensor([tgt[i - 1]]), label_smoothing=smoothing))
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("target_mask_prob", [0.0, 0.5])
+def test_seq2seq_loss_equals_per_position_forwards(target_mask_prob: float):
+    """The one-pass fine-tuning loss (padded batch of two pairs, label smoothing 0.1) equals, token by token and
+    in the mean, one forward per target position with an explicit mask (float64, 1e-10)."""
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(5, 61, 9).tolist(), rng.integers(5, 61, 5).tolist() + [SPECIAL.sep]),
+             (rng.integers(5, 61, 4).tolist(), rng.integers(5, 61, 7).tolist() + [SPECIAL.sep])]
+    enc = EncodedPairs(["a", "b"], [s for s, _ in pairs], [t for _, t in pairs])
+    examples = build_examples(enc, SPECIAL, target_mask_prob, seed=3, epoch=0, indices=[0, 1])
+    model = tiny_model(torch.float64)
+    batch = collate_padded(examples, SPECIAL.pad)
+    with torch.no_grad():
+        out = seq2seq_loss(model, batch, label_smoothing=0.1)
+        naive = []
+        for ex, (src, tgt) in zip(examples, pairs):
+            teacher = ex.input_ids[ex.step > 0].tolist()
+            if target_mask_prob == 0:
+                assert teacher == tgt
+            naive.append(_naive_token_losses(model, src, teacher, tgt, 0.1))
+    naive = torch.cat(naive)
+    if target_mask_prob > 0:
+        assert sum((ex.input_ids[ex.step > 0] == SPECIAL.mask).sum() for ex in examples) > 0
+    assert out.ae_tokens == 0 and out.par_tokens == len(naive) == 6 + 8
+    torch.testing.assert_close(out.token_loss, naive, rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.loss, naive.mean(), rtol=1e-10, atol=0)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pmlm_engine.corpus import minilm_dir
+    from pmlm_engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(minilm_dir() / "vocab.txt")
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"src": "a b", "tgt": "c"', "invalid JSON"),
+    ('["a", "b"]', "expected a JSON object"),
+    ('{"src": "a b"}', "lacks \\['tgt'\\]"),
+    ('{"src": "   ", "tgt": "c"}', 'empty "src"'),
+    ('{"src": "a b", "tgt": ""}', 'empty "tgt"'),
+    ('{"src": [], "tgt": "c"}', 'empty "src" token list'),
+    ('{"src": [1, "x"], "tgt": "c"}', "non-integer"),
+    ('{"src": 5, "tgt": "c"}', "must be a string or a list"),
+    ('{"id": "1", "src": "a", "tgt": "c"}', "repeats line 1"),
+])
+def test_malformed_jsonl_is_an_error_with_file_and_line(tmp_path: Path, line: str, message: str):
+    """Each malformed line of a pairs file raises ValueError naming file:line and the problem."""
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"id": "1", "src": "fine", "tgt": "ok"}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=message) as err:
+        read_jsonl_pairs(f)
+    assert f"{f}:3" in str(err.value)
+
+
+def test_tokenization_problems_name_the_example(tmp_path: Path, tokenizer):
+    """A text that tokenizes to nothing, or ids outside the vocabulary, are errors naming file:line."""
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"src": "fine", "tgt": "ok"}\n{"src": "\\u200b", "tgt": "ok"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: \"src\" tokenizes to nothing"):
+        encode_pairs(read_jsonl_pairs(f), tokenizer, 10, 10)
+    f.write_text('{"src": [5, 40000], "tgt": "ok"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: \"src\" holds token ids \[40000\]"):
+        encode_pairs(read_jsonl_pairs(f), tokenizer, 10, 10)
+
+
+def test_over_long_inputs_are_truncated_counted_and_logged(tokenizer, caplog):
+    """Sources keep their first max_src_len tokens, targets their first max_tgt_len - 1 plus [SEP]; the counts
+    are in the stats and the log. Token-id inputs follow the same rules."""
+    records = [PairRecord("a", "one two three four five six", "alpha beta gamma delta", "t:1"),
+               PairRecord("b", "short", "x", "t:2"),
+               PairRecord("c", list(range(2000, 2010)), [3000, 3001, 3002], "t:3")]
+    enc = encode_pairs(records, tokenizer, max_src_len=4, max_tgt_len=3)
+    assert enc.src[0] == tokenizer.encode("one two three four")
+    assert enc.tgt[0] == tokenizer.encode("alpha beta") + [tokenizer.sep_id]
+    assert enc.src[1] == tokenizer.encode("short") and enc.tgt[1] == tokenizer.encode("x") + [tokenizer.sep_id]
+    assert enc.src[2] == [2000, 2001, 2002, 2003] and enc.tgt[2] == [3000, 3001, tokenizer.sep_id]
+    s = enc.stats
+    assert (s.examples, s.src_truncated, s.tgt_truncated, s.src_tokens_cut, s.tgt_tokens_cut) == (3, 2, 2, 8, 3)
+    with caplog.at_level(logging.INFO):
+        s.log("test")
+    assert "source truncated in 2" in caplog.text and "target truncated in 2" in caplog.text
+
+
+def test_news_split_is_fixed_and_disjoint():
+    """The news held-out split is 200 pairs chosen by id hash, disjoint from train, identical on every call."""
+    from pmlm_engine.s2s_data import builtin_pairs
+
+    test, train = builtin_pairs("news", "test"), builtin_pairs("news", "train")
+    assert len(test) == 200 and len(train) + 200 == len(builtin_pairs("news", "all"))
+    assert not {r.id for r in test} & {r.id for r in train}
+    assert [r.id for r in builtin_pairs("news", "test")] == [r.id for r in test]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_finetune_run_writes_a_model_that_decode_loads(tmp_path: Path, tokenizer):
+    """A 4-step fine-tuning run from a tiny model folder (position table extended: 40 + 2 + 30 > 64) writes
+    metrics and a model folder; the decode CLI loads it and writes one prediction per input."""
+    from pmlm_engine.checkpoint import load_model, save_model
+    from pmlm_engine.config import ModelConfig
+    from pmlm_engine.corpus import minilm_dir
+    from pmlm_engine.decode import main as decode_main
+    from pmlm_engine.model import PMLMModel
+
+    torch.manual_seed(0)
+    init = save_model(PMLMModel(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2,
+                                            num_heads=4, intermediate_size=64, max_position=64)),
+                      tmp_path / "init", extra={"tokenizer": str(minilm_dir() / "vocab.txt")})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"src": f"story number {i} about the city council " * 3,
+                                        "tgt": f"council story {i}"}) + "\n" for i in range(6)))
+    summary = finetune(FinetuneConfig(init=str(init), data=str(data), out=str(tmp_path / "ft"), max_src_len=40,
+                                      max_tgt_len=30, steps=4, batch_size=3, warmup_steps=1, log_every=2, lr=1e-3))
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    model = load_model(summary["model"])
+    assert model.config.max_position == 72
+    out = tmp_path / "pred.jsonl"
+    rc = decode_main(["--model", summary["model"], "--input", str(data), "--output", str(out), "--beam", "2",
+                      "--max-len", "5", "--batch-size", "4"])
+    assert rc == 0
+    preds = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [p["id"] for p in preds] == [str(i) for i in range(1, 7)] and all("prediction" in p for p in preds)
