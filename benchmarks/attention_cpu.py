@@ -1,0 +1,304 @@
+"""Pseudo-mask attention on the CPU: structured ``torch`` backend against dense baselines.
+
+Implementations timed (forward, and forward+backward through q, k, v and the bias table):
+
+* ``torch``: :mod:`pmlm_engine.structured_attention` (main block unmasked, appended block small);
+* ``sdpa``: the ``sdpa`` backend, SDPA with a dense ``(B, L, L)`` bool mask (with the bias: a
+  dense ``(B, H, L, L)`` float mask, which sends SDPA to its math kernel when the table needs a
+  gradient);
+* ``eager``: the s2s-ft way: a materialised ``(B, L, L)`` additive float mask (-10000) and
+  ``(B, H, L, L)`` bias, then matmul, softmax, matmul;
+* ``flex``: compiled FlexAttention with a ``mask_mod`` stating the pseudo-mask rule (and a
+  ``score_mod`` adding the bias). Forward only: torch has no FlexAttention backward on the
+  CPU; the attempt is made and its error recorded in ``note``. Compiling takes seconds, so
+  quick mode runs it at one shape only.
+
+Layouts are synthetic: every row has ``main`` main tokens and exactly ``2 * ceil(ratio * main)``
+appended tokens (spans of the paper's length distribution, cut to the budget, random order),
+so all rows share one shape as in pre-training with a fixed main length.
+
+Timing: the implementations of one shape are run round-robin within every repeat, so load from
+other processes on a shared machine falls on all of them alike; the median and the 20th/80th
+percentiles are reported with the 1-minute load average read before the run.
+
+    python benchmarks/attention_cpu.py           # quick: the pre-training shape, and M=128
+    python benchmarks/attention_cpu.py --full    # all shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pmlm_engine.attention import RelativePositionBias, bucket_lut, dense_pseudo_mask, pseudo_mask_attention
+
+B, H, D = 8, 12, 64
+NUM_BUCKETS, MAX_DISTANCE = 32, 128
+
+
+@dataclass(frozen=True)
+class Shape:
+    main: int
+    ratio: float
+    bias: bool
+
+    @property
+    def appended(self) -> int:
+        return 2 * math.ceil(self.ratio * self.main)
+
+    @property
+    def length(self) -> int:
+        return self.main + self.appended
+
+    def label(self) -> str:
+        return f"M={self.main} A={self.appended} L={self.length} r={self.ratio} bias={'on' if self.bias else 'off'}"
+
+
+def synthetic_layout(main: int, ratio: float, rows: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(step, position_ids)``, each ``(rows, main + 2 * ceil(ratio * main))``.
+
+    Spans: length 1, or 2..6 with probability 0.4 (PMLM.md section 1), non-overlapping, inside
+    ``[1, main - 1)`` (``[CLS]``/``[SEP]`` excluded), the last one cut so exactly
+    ``ceil(ratio * main)`` tokens are masked; steps in a random order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    budget = math.ceil(ratio * main)
+    steps, positions = [], []
+    for _ in range(rows):
+        taken = torch.zeros(main, dtype=torch.bool)
+        spans: list[tuple[int, int]] = []
+        count = 0
+        while count < budget:
+            length = 1
+            if torch.rand(1, generator=g).item() < 0.4:
+                length = int(torch.randint(2, 7, (1,), generator=g))
+            length = min(length, budget - count)
+            start = int(torch.randint(1, main - 1, (1,), generator=g))
+            end = start + length
+            if end > main - 1 or taken[start:end].any():
+                continue
+            taken[start:end] = True
+            spans.append((start, end))
+            count += length
+        order = torch.randperm(len(spans), generator=g).tolist()
+        st, pos = [torch.zeros(main, dtype=torch.long)], [torch.arange(main)]
+        for s, idx in enumerate(order, start=1):
+            a, b = spans[idx]
+            st += [torch.full((b - a,), s), torch.full((b - a,), -s)]
+            pos += [torch.arange(a, b), torch.arange(a, b)]
+        steps.append(torch.cat(st))
+        positions.append(torch.cat(pos))
+    return torch.stack(steps), torch.stack(positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: each takes (q, k, v, table) and returns the (B, H, L, D) output
+
+
+def _eager_s2sft(step: Tensor, pos: Tensor, with_bias: bool) -> Callable[..., Tensor]:
+    """s2s-ft style: additive (B, 1, L, L) mask of -10000 and a (B, H, L, L) bias, all materialised."""
+    def run(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
+        visible = dense_pseudo_mask(step)  # (B, L, L)
+        add_mask = (1.0 - visible.to(q.dtype)).unsqueeze(1) * -10000.0  # (B, 1, L, L)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+        if with_bias:
+            scores = scores + RelativePositionBias(table, pos).dense()  # (B, H, L, L)
+        probs = torch.softmax(scores + add_mask, dim=-1)
+        return torch.matmul(probs, v)
+    return run
+
+
+def _backend(name: str, step: Tensor, pos: Tensor, with_bias: bool) -> Callable[..., Tensor]:
+    def run(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
+        bias = RelativePositionBias(table, pos) if with_bias else None
+        return pseudo_mask_attention(q, k, v, step, None, bias, backend=name)
+    return run
+
+
+def _flex(step: Tensor, pos: Tensor, with_bias: bool) -> Callable[..., Tensor]:
+    """Compiled FlexAttention; the block mask is built once (it depends on the layout only)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    lut = torch.tensor(bucket_lut(NUM_BUCKETS, MAX_DISTANCE))
+
+    def pseudo_mask(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's mask_mod signature
+        wq, wk = step[b, q_idx], step[b, kv_idx]
+        ctx = wk >= 0
+        return torch.where(wq >= 0, ctx & (wk <= wq), (ctx & (wk < -wq)) | (wk == wq))
+
+    L = step.shape[1]
+    block_mask = create_block_mask(pseudo_mask, B=step.shape[0], H=None, Q_LEN=L, KV_LEN=L, device="cpu")
+    compiled = torch.compile(flex_attention)
+
+    def run(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
+        score_mod = None
+        if with_bias:
+            def score_mod(score, b, h, q_idx, kv_idx):  # noqa: ANN001
+                rel = pos[b, kv_idx] - pos[b, q_idx]
+                bucket = lut[rel.abs().clamp(max=MAX_DISTANCE)] + (rel > 0).to(torch.int64) * (NUM_BUCKETS // 2)
+                return score + table[h, bucket]
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def _percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))
+    return xs[i]
+
+
+def _load1() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _time_shape(shape: Shape, impls: list[str], warmup: int, repeats: int, seed: int = 0) -> list[dict]:
+    step, pos = synthetic_layout(shape.main, shape.ratio, B, seed)
+    L = shape.length
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(B, H, L, D, generator=g) for _ in range(4))
+    table = (torch.randn(H, NUM_BUCKETS, generator=g) * 0.5)
+    leaves = [x.requires_grad_() for x in (q, k, v, table)]
+    wrt = leaves if shape.bias else leaves[:3]
+    builders = {
+        "torch": lambda: _backend("torch", step, pos, shape.bias),
+        "sdpa": lambda: _backend("sdpa", step, pos, shape.bias),
+        "eager": lambda: _eager_s2sft(step, pos, shape.bias),
+        "flex": lambda: _flex(step, pos, shape.bias),
+    }
+    fns: dict[str, Callable[..., Tensor]] = {}
+    notes: dict[str, str] = {}
+    can_bwd: dict[str, bool] = {}
+    for name in impls:
+        try:
+            fns[name] = builders[name]()
+            out = fns[name](*leaves)  # compiles where needed
+            can_bwd[name] = True
+            try:
+                torch.autograd.grad(out, wrt, grad)
+            except (NotImplementedError, RuntimeError) as e:  # FlexAttention: no CPU backward
+                can_bwd[name] = False
+                notes[name] = f"no backward: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            notes[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            fns.pop(name, None)
+
+    fwd: dict[str, list[float]] = {n: [] for n in fns}
+    fwdbwd: dict[str, list[float]] = {n: [] for n in fns}
+    load = _load1()
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():  # round-robin: shared-machine load hits every impl alike
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                fn(*leaves)
+                t1 = time.perf_counter()
+            if r >= warmup:
+                fwd[name].append((t1 - t0) * 1e3)
+            if can_bwd[name]:
+                t0 = time.perf_counter()
+                out = fn(*leaves)
+                torch.autograd.grad(out, wrt, grad)
+                t1 = time.perf_counter()
+                if r >= warmup:
+                    fwdbwd[name].append((t1 - t0) * 1e3)
+
+    rows = []
+    for name in impls:
+        row = {
+            "impl": name, "shape": shape.label(), "B": B, "H": H, "D": D,
+            "main": shape.main, "appended": shape.appended, "L": L, "ratio": shape.ratio,
+            "bias": shape.bias, "threads": torch.get_num_threads(), "load1": load,
+            "fwd_ms": None, "fwd_p20": None, "fwd_p80": None,
+            "fwdbwd_ms": None, "fwdbwd_p20": None, "fwdbwd_p80": None,
+            "speedup_fwd_vs_sdpa": None, "speedup_fwdbwd_vs_sdpa": None,
+            "note": notes.get(name, ""),
+        }
+        for key, series in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            xs = series.get(name) or []
+            if xs:
+                row[f"{key}_ms"] = statistics.median(xs)
+                row[f"{key}_p20"] = _percentile(xs, 0.2)
+                row[f"{key}_p80"] = _percentile(xs, 0.8)
+        rows.append(row)
+    base = next((r for r in rows if r["impl"] == "sdpa"), None)
+    for row in rows:
+        for key in ("fwd", "fwdbwd"):
+            if base and base[f"{key}_ms"] and row[f"{key}_ms"]:
+                row[f"speedup_{key}_vs_sdpa"] = base[f"{key}_ms"] / row[f"{key}_ms"]
+    return rows
+
+
+def run_attention_suite(quick: bool) -> list[dict]:
+    """Time every implementation on every shape; one dict per (implementation, shape).
+
+    Quick: the pre-training shape (M=512, ratio 0.15, A=154) with and without bias, plus M=128
+    without bias; FlexAttention only at the first shape. Full: M in 128/256/512, ratio in
+    0.15/0.3, bias off/on, FlexAttention everywhere.
+
+    Keys: impl, shape (label), B, H, D, main, appended, L, ratio, bias, threads, load1 (1-minute
+    load average before the shape ran), fwd_ms / fwd_p20 / fwd_p80, fwdbwd_ms / fwdbwd_p20 /
+    fwdbwd_p80 (None where not measured), speedup_fwd_vs_sdpa and speedup_fwdbwd_vs_sdpa
+    (sdpa's median divided by this row's: above 1 is faster), note.
+    """
+    if quick:
+        shapes = [Shape(512, 0.15, False), Shape(512, 0.15, True), Shape(128, 0.15, False)]
+        warmup, repeats = 2, 5
+    else:
+        shapes = [Shape(m, r, b) for b in (False, True) for r in (0.15, 0.3) for m in (128, 256, 512)]
+        warmup, repeats = 2, 7
+    rows: list[dict] = []
+    for i, shape in enumerate(shapes):
+        impls = ["torch", "sdpa", "eager"]
+        if not quick or i == 0:
+            impls.append("flex")
+        rows += _time_shape(shape, impls, warmup, repeats)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """GitHub-style table of :func:`run_attention_suite` rows."""
+    def ms(row: dict, key: str) -> str:
+        if row[f"{key}_ms"] is None:
+            return "-"
+        return f"{row[f'{key}_ms']:.1f} ({row[f'{key}_p20']:.1f}-{row[f'{key}_p80']:.1f})"
+
+    def x(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    lines = ["| shape | impl | fwd ms (p20-p80) | fwd+bwd ms (p20-p80) | fwd vs sdpa | fwd+bwd vs sdpa | load | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        load = "-" if r["load1"] is None else f"{r['load1']:.2f}"
+        lines.append(f"| {r['shape']} | {r['impl']} | {ms(r, 'fwd')} | {ms(r, 'fwdbwd')} | "
+                     f"{x(r['speedup_fwd_vs_sdpa'])} | {x(r['speedup_fwdbwd_vs_sdpa'])} | {load} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="all shapes (minutes) instead of the quick set")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={B} H={H} D={D} fp32; "
+          f"load average before: {_load1()}")
+    print(format_table(run_attention_suite(quick=not args.full)))
+    print(f"load average after: {_load1()}")
+
+
+if __name__ == "__main__":
+    main()
