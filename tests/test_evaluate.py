@@ -1,0 +1,61 @@
+"""Evaluation: known ROUGE/BLEU values, stemming, id alignment, lead baseline and the CLI's outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pmlm_engine.evaluate import TextSet, align, lead, main, read_predictions, score
+
+
+def test_known_values_and_stemming():
+    """Identical texts score 100; a one-word substitution gives ROUGE-1 5/6 and ROUGE-2 3/5; stemming matches
+    inflections; BLEU is lowercased by default."""
+    same = score(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert same.rouge1 == same.rouge2 == same.rougeL == same.rougeLsum == 100.0 and same.bleu4 == pytest.approx(100)
+    one = score(["the cat sat on the mat"], ["the cat lay on the mat"])
+    assert one.rouge1 == pytest.approx(500 / 6) and one.rouge2 == pytest.approx(60.0)
+    assert score(["runs quickly"], ["running quickly"]).rouge1 == 100.0
+    assert score(["trump signs new immigration order"], ["Trump Signs New Immigration Order"]).bleu4 == pytest.approx(100)
+    assert score(["trump signs new immigration order"], ["Trump Signs New Immigration Order"], lowercase_bleu=False).bleu4 < 100
+
+
+def test_rouge_lsum_uses_sentences():
+    """ROUGE-Lsum splits sentences (union LCS), so swapping two sentences keeps it at 100 while ROUGE-L drops."""
+    s = score(["b c d. a b c."], ["a b c. b c d."])
+    assert s.rougeLsum == pytest.approx(100.0) and s.rougeL < 100
+
+
+def test_alignment_by_id_and_by_order():
+    """Predictions are matched to references by id when both have ids, else by order with equal counts."""
+    refs = TextSet(["r1", "r2"], ["a", "b"])
+    assert align(TextSet(["p2", "p1"], ["b", "a"]), refs) == ["p1", "p2"]
+    with pytest.raises(ValueError, match="without a prediction"):
+        align(TextSet(["p1"], ["a"]), refs)
+    with pytest.raises(ValueError, match="1 predictions but"):
+        align(TextSet(["p1"], None), refs)
+    assert lead("one two  three four", 2) == "one two"
+
+
+def test_cli_scores_files_with_lead_baseline(tmp_path: Path, capsys):
+    """The CLI reads decode's JSONL and JSONL references, adds a lead baseline, prints a table and writes JSON."""
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text(json.dumps({"id": "x", "src": "council approves budget after long debate", "tgt":
+                               "Council Approves Budget"}) + "\n" + json.dumps(
+        {"id": "y", "src": "storm hits coast overnight", "tgt": "Storm Hits Coast"}) + "\n")
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"id": "y", "prediction": "storm hits coast"}) + "\n" +
+                    json.dumps({"id": "x", "prediction": "council passes budget"}) + "\n")
+    out = tmp_path / "scores.json"
+    assert main(["--pred", str(pred), "--ref", str(ref), "--lead", "3", "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| pred.jsonl | 2 |" in table and "| lead-3 | 2 |" in table
+    scores = {r["system"]: r for r in json.loads(out.read_text())["scores"]}
+    assert scores["lead-3"]["rouge1"] == pytest.approx(100 * (1.0 + 2 / 3) / 2)
+    assert scores["pred.jsonl"]["rouge1"] == pytest.approx(100 * (1.0 + 2 / 3) / 2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_predictions(bad)
