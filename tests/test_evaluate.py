@@ -53,7 +53,7 @@ def test_cli_scores_files_with_lead_baseline(tmp_path: Path, capsys):
     table = capsys.readouterr().out
     assert "| pred.jsonl | 2 |" in table and "| lead-3 | 2 |" in table
     scores = {r["system"]: r for r in json.loads(out.read_text())["scores"]}
-    assert scores["lead-3"]["rouge1"] == pytest.approx(100 * (1.0 + 2 / 3) / 2)
+    assert scores["lead-3"]["rouge1"] == pytest.approx(100.0)  # both sources start with their headline
     assert scores["pred.jsonl"]["rouge1"] == pytest.approx(100 * (1.0 + 2 / 3) / 2)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x"}\n')
