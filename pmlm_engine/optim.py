@@ -15,8 +15,11 @@ class OptimConfig:
     lr: float = 6e-4
     """Peak learning rate (reached at the end of warmup)."""
     betas: tuple[float, float] = (0.9, 0.98)
+    """Adam's (beta1, beta2); the paper's (0.9, 0.98)."""
     eps: float = 1e-6
+    """Adam's epsilon (the paper's 1e-6)."""
     weight_decay: float = 0.01
+    """Decoupled weight decay of matrices and embeddings (the paper's 0.01)."""
     warmup_steps: int = 24000
     """Linear warmup from 0 to ``lr``; then linear decay to 0 at ``total_steps``."""
     grad_clip: float = 1.0
@@ -30,6 +33,12 @@ class OptimConfig:
             raise ValueError(f"warmup_steps={self.warmup_steps} is invalid: expected >= 0")
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
             raise ValueError(f"betas={self.betas} is invalid: expected two values in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"eps={self.eps} is invalid: expected a positive epsilon")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} is invalid: expected >= 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip} is invalid: expected 0 (off) or a positive norm")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -43,6 +52,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """torch's AdamW over :func:`param_groups` (also the client optimizer handed to DeepSpeed)."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
@@ -54,4 +64,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to ``cfg.lr`` over ``cfg.warmup_steps``, then linear decay to 0 at ``total_steps``.
+
+    The factor is a pure function of the step (:func:`lr_factor`); the scheduler's state
+    (its step count) is saved in checkpoints.
+    """
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps))
