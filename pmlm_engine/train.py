@@ -114,6 +114,7 @@ class Prepared:
     ds_config: Optional[dict[str, Any]]
     checkpoints: CheckpointManager
     resume_from: Optional[Path]
+    tokenizer_sha: str
     data: Optional[PretrainData] = None
 
 
@@ -138,7 +139,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _choose_resume(cfg: TrainConfig, manager: CheckpointManager, env: DistEnv, engine: str) -> Optional[Path]:
+def _choose_resume(cfg: TrainConfig, manager: CheckpointManager, env: DistEnv, engine: str,
+                   tokenizer_sha: str) -> Optional[Path]:
     spec = cfg.checkpoint.resume
     if spec == "never":
         if manager.tags():
@@ -151,6 +153,8 @@ def _choose_resume(cfg: TrainConfig, manager: CheckpointManager, env: DistEnv, e
     state = CheckpointManager.read_state(folder)
     saved = trajectory(state["config"], state["world_size"], state["engine"])
     now = trajectory(to_dict(cfg), env.world_size, engine)
+    saved["tokenizer vocabulary (sha256)"] = state.get("tokenizer_sha256")
+    now["tokenizer vocabulary (sha256)"] = tokenizer_sha
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diff:
         shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff[:6])
@@ -167,7 +171,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     engine = cfg.resolved_engine(env.world_size)
     ds_config = build_deepspeed_config(cfg, env.world_size) if engine == "deepspeed" else None
 
-    from pmlm_engine.stream import resolve_sources
+    from pmlm_engine.stream import resolve_sources, tokenizer_fingerprint
     from pmlm_engine.tokenizer import load_tokenizer
 
     resolve_sources(cfg.data.corpus)  # missing / empty files and unknown names, before anything else
@@ -187,12 +191,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
             raise ImportError("logging.tensorboard=true needs TensorBoard: pip install tensorboard "
                               "(or set logging.tensorboard=false)") from None
     manager = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, env.is_main, barrier)
-    resume_from = _choose_resume(cfg, manager, env, engine)
+    tokenizer_sha = tokenizer_fingerprint(tokenizer)
+    resume_from = _choose_resume(cfg, manager, env, engine, tokenizer_sha)
     if cfg.init_from and resume_from is None:
         _check_warm_start_source(cfg.init_from)
 
     env = init_distributed(engine)
-    prepared = Prepared(cfg, env, engine, tokenizer, tokenizer_path, model_cfg, ds_config, manager, resume_from)
+    prepared = Prepared(cfg, env, engine, tokenizer, tokenizer_path, model_cfg, ds_config, manager, resume_from,
+                        tokenizer_sha)
     prepared.data = _on_local_main_first(env, lambda: _load_data(prepared))
     return prepared
 
@@ -257,6 +263,9 @@ def warm_start(model: PMLMModel, spec: str, tokenizer: Any) -> None:
         have = ", ".join(f"{f}={getattr(src.config, f)}" for f in diff)
         want = ", ".join(f"{f}={getattr(cfg, f)}" for f in diff)
         hint = " (MiniLM is model.preset=small with the bert-base-uncased tokenizer)" if spec == "minilm" else ""
+        if "vocab_size" in diff:
+            hint += (f"; the model's vocab_size comes from data.tokenizer ({tokenizer.source}): use the "
+                     f"checkpoint's tokenizer")
         raise ValueError(f"init_from={spec!r}: the checkpoint has {have} but the configured model has {want}: "
                          f"set the model section to match{hint}")
     if tok_path and Path(tok_path).is_file() and Path(tok_path).read_bytes() != Path(tokenizer.source).read_bytes():
@@ -359,7 +368,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         warm_start(model, cfg.init_from, p.tokenizer)
     elif cfg.init_from:
         log.info("resuming: init_from=%s is not used (the weights come from the checkpoint)", cfg.init_from)
-    log.info("model %s: %.1fM parameters", cfg.model.preset, model.num_parameters() / 1e6)
+    log.info("model %s: %s parameters", cfg.model.preset, f"{model.num_parameters():,}")
     torch.manual_seed(derive_seed(cfg.data.seed, 0xD20, env.rank) & ((1 << 63) - 1))  # dropout, per rank
     engine = build_engine(model, cfg, env, p.ds_config)
 
@@ -374,7 +383,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"start_step": start, "stopped_by": None}
     history: list[float] = []
     window = _Window()
-    last_saved = start if p.resume_from is not None else -1
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc="pre-train", unit="step", dynamic_ncols=True,
@@ -423,7 +431,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps
             if periodic or stopping or (done == cfg.steps and cfg.checkpoint.at_end):
                 _save(engine, p, done, tokens_seen)
-                last_saved = done
             if stopping:
                 summary["stopped_by"] = stop.signal or "a signal on another rank"
                 break
@@ -444,7 +451,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if summary["stopped_by"]:
         log.warning("stopped by %s after step %d; checkpoint %s. Run the same command again to resume.",
                     summary["stopped_by"], done, summary.get("checkpoint") or p.checkpoints.root)
-    del last_saved
     return summary
 
 
@@ -475,7 +481,7 @@ class _Window:
 
 def _save(engine: Any, p: Prepared, step: int, tokens: int) -> Path:
     state = {"step": step, "tokens": tokens, "config": to_dict(p.cfg), "world_size": p.env.world_size,
-             "engine": p.engine, "format": 1, "time": time.time()}
+             "engine": p.engine, "tokenizer_sha256": p.tokenizer_sha, "format": 1, "time": time.time()}
     return p.checkpoints.save(step, engine.save, state)
 
 

@@ -345,8 +345,20 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    return build(TrainConfig, data)
+    """A TrainConfig from a (partial) nested mapping laid over the defaults of :class:`TrainConfig`.
+
+    A partial section keeps the job's defaults for the keys it does not name (e.g. ``{"optim":
+    {"lr": 3e-4}}`` keeps the job's ``warmup_steps``, not :class:`OptimConfig`'s).
+    """
+    return build(TrainConfig, _merge(to_dict(TrainConfig()), data))
 
 
 def parse_value(text: str) -> Any:
