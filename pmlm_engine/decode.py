@@ -240,6 +240,7 @@ def constrain(logp: Tensor, histories: Sequence[Sequence[int]], t: int, cfg: Dec
 # --------------------------------------------------------------------------- search
 
 
+@torch.no_grad()
 def greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
                   special: SpecialIds) -> list[Hypothesis]:
     """Greedy decoding of a batch; one :class:`Hypothesis` per source, in input order."""
@@ -276,6 +277,7 @@ def greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeC
     return [h for h in out if h is not None]
 
 
+@torch.no_grad()
 def beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
                 special: SpecialIds) -> list[list[Hypothesis]]:
     """Beam search of a batch; per source, its finished hypotheses best first (``[0]`` is the output)."""

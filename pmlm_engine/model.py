@@ -28,21 +28,84 @@ class KVCache:
     Used by incremental decoding: each token's keys and values are projected once.
     Only context tokens (``step >= 0``: source and emitted targets) are kept; the
     ``[P]`` of a step is only ever visible to itself, so it is never cached.
+
+    Keys and values live in per-layer buffers with room to grow (``_kbuf``/``_vbuf``,
+    ``(B, H, capacity, D)``): a forward writes its new tokens' keys and values after the
+    cached ones (:meth:`extend`) and attends a view of the buffer, so the cache is never
+    copied to append to it; :meth:`commit` then keeps the context columns. ``keys`` and
+    ``values`` are views of the valid part. Inference only (``torch.no_grad``): the buffers
+    are written in place.
     """
 
-    keys: list[Tensor] = field(default_factory=list)  # per layer (B, H, Lc, D)
+    keys: list[Tensor] = field(default_factory=list)  # per layer (B, H, Lc, D), views of the buffers
     values: list[Tensor] = field(default_factory=list)  # per layer (B, H, Lc, D)
     step: Optional[Tensor] = None  # (B, Lc)
     doc_ids: Optional[Tensor] = None  # (B, Lc)
     position_ids: Optional[Tensor] = None  # (B, Lc)
+    _kbuf: list[Tensor] = field(default_factory=list, repr=False)  # per layer (B, H, capacity, D)
+    _vbuf: list[Tensor] = field(default_factory=list, repr=False)
+
+    GROW = 128
+    """Spare columns allocated beyond the current need; the buffer doubles when full."""
 
     def __len__(self) -> int:
         return 0 if self.step is None else self.step.shape[1]
 
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k, v`` ``(B, H, L, D)`` of the new tokens after the cached ones of ``layer``.
+
+        Returns ``(B, H, Lc + L, D)`` views of cached + new keys and values. Nothing is kept
+        until :meth:`commit`.
+        """
+        lc, n = len(self), k.shape[2]
+        if layer == len(self._kbuf):  # first forward through this layer
+            if lc:
+                raise ValueError(f"KVCache holds {lc} tokens but no buffer for layer {layer}")
+            shape = (k.shape[0], k.shape[1], n + self.GROW, k.shape[3])
+            self._kbuf.append(k.new_empty(shape))
+            self._vbuf.append(v.new_empty(shape))
+        elif layer > len(self._kbuf):
+            raise ValueError(f"KVCache.extend: layer {layer} before layer {len(self._kbuf)}")
+        kb, vb = self._kbuf[layer], self._vbuf[layer]
+        if kb.shape[0] != k.shape[0]:
+            raise ValueError(f"KVCache holds {kb.shape[0]} rows but the new tokens have {k.shape[0]}: reorder() "
+                             "the cache to the batch first")
+        if lc + n > kb.shape[2]:  # full: double
+            shape = (kb.shape[0], kb.shape[1], 2 * (lc + n), kb.shape[3])
+            kb, vb = self._grow(kb, shape, lc), self._grow(vb, shape, lc)
+            self._kbuf[layer], self._vbuf[layer] = kb, vb
+        kb[:, :, lc:lc + n] = k
+        vb[:, :, lc:lc + n] = v
+        return kb[:, :, :lc + n], vb[:, :, :lc + n]
+
+    @staticmethod
+    def _grow(buf: Tensor, shape: tuple[int, ...], valid: int) -> Tensor:
+        new = buf.new_empty(shape)
+        new[:, :, :valid] = buf[:, :, :valid]
+        return new
+
+    def commit(self, cols: Tensor, step: Tensor, doc_ids: Tensor, position_ids: Tensor) -> None:
+        """Keep the new tokens at columns ``cols`` ``(n,)`` (of the last forward's ``L``) in the cache."""
+        lc, n = len(self), cols.numel()
+        prefix = bool((cols == torch.arange(n, device=cols.device)).all())
+        for bufs in (self._kbuf, self._vbuf):
+            for i, buf in enumerate(bufs):
+                if not prefix:  # move the kept columns to the front of the new ones
+                    buf[:, :, lc:lc + n] = buf[:, :, lc:].index_select(2, cols)
+        self.keys = [kb[:, :, :lc + n] for kb in self._kbuf]
+        self.values = [vb[:, :, :lc + n] for vb in self._vbuf]
+        new = dict(step=step, doc_ids=doc_ids, position_ids=position_ids)
+        for name, t in new.items():
+            t = t.index_select(1, cols)
+            setattr(self, name, t if lc == 0 else torch.cat([getattr(self, name), t], dim=1))
+
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search): ``index`` is ``(B',)`` into the current batch."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        lc = len(self)
+        self._kbuf = [k.index_select(0, index) for k in self._kbuf]
+        self._vbuf = [v.index_select(0, index) for v in self._vbuf]
+        self.keys = [kb[:, :, :lc] for kb in self._kbuf]
+        self.values = [vb[:, :, :lc] for vb in self._vbuf]
         for name in ("step", "doc_ids", "position_ids"):
             setattr(self, name, getattr(self, name).index_select(0, index))
 
@@ -80,10 +143,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, meta: "_Meta", layer: int, cache: Optional[KVCache]) -> Tensor:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         if cache is not None:
-            if layer < len(cache.keys):
-                k = torch.cat([cache.keys[layer], k], dim=2)  # (B, H, Lc + L, D)
-                v = torch.cat([cache.values[layer], v], dim=2)
-            meta.new_kv.append((k[:, :, -x.shape[1]:], v[:, :, -x.shape[1]:]))
+            k, v = cache.extend(layer, k, v)  # (B, H, Lc + L, D): cached, then new (no copy of the cache)
         out = pseudo_mask_attention(
             q, k, v, meta.k_step, meta.k_doc, meta.bias, self.backend,
             q_step=meta.q_step, q_doc_ids=meta.q_doc,
@@ -125,7 +185,6 @@ class _Meta:
     k_step: Tensor
     k_doc: Optional[Tensor]
     bias: Optional[RelativePositionBias]
-    new_kv: list[tuple[Tensor, Tensor]]
 
 
 class LMHead(nn.Module):
@@ -197,6 +256,9 @@ class PMLMModel(nn.Module):
                              "the table (pmlm_engine.model.extend_positions)")
         q_step = q_doc = None
         k_step, k_doc, k_pos = step, doc_ids, position_ids
+        if cache is not None and torch.is_grad_enabled():
+            raise ValueError("cached decoding writes its key/value buffers in place: run it under torch.no_grad() "
+                             "or torch.inference_mode()")
         if cache is not None and len(cache) > 0:
             if doc_ids is None or cache.doc_ids is None:
                 raise ValueError("cached decoding needs doc_ids for both the cache and the new tokens")
@@ -211,17 +273,16 @@ class PMLMModel(nn.Module):
                 q_position_ids=None if q_step is None else position_ids,
                 max_distance=self.config.rel_pos_max_distance,
             )
-        meta = _Meta(q_step, q_doc, k_step, k_doc, bias, new_kv=[])
+        meta = _Meta(q_step, q_doc, k_step, k_doc, bias)
         x = self.embeddings(input_ids, position_ids, segment_ids)
         for i, layer in enumerate(self.encoder["layer"]):
             x = layer(x, meta, i, cache)
         if cache is not None:
-            self._append_to_cache(cache, meta, step, doc_ids, position_ids)
+            self._append_to_cache(cache, step, doc_ids, position_ids)
         return x
 
     @staticmethod
-    def _append_to_cache(cache: KVCache, meta: _Meta, step: Tensor, doc_ids: Optional[Tensor],
-                         position_ids: Tensor) -> None:
+    def _append_to_cache(cache: KVCache, step: Tensor, doc_ids: Optional[Tensor], position_ids: Tensor) -> None:
         keep_cols = step >= 0  # (B, L)
         if not bool((keep_cols == keep_cols[:1]).all()):
             raise ValueError("cached decoding needs the same layout in every row (context columns "
@@ -229,19 +290,7 @@ class PMLMModel(nn.Module):
         cols = keep_cols[0].nonzero().squeeze(1)
         if doc_ids is None:
             doc_ids = torch.zeros_like(step)
-        fresh = len(cache) == 0
-        for i, (k, v) in enumerate(meta.new_kv):
-            k, v = k.index_select(2, cols), v.index_select(2, cols)
-            if fresh:
-                cache.keys.append(k)
-                cache.values.append(v)
-            else:
-                cache.keys[i] = torch.cat([cache.keys[i], k], dim=2)
-                cache.values[i] = torch.cat([cache.values[i], v], dim=2)
-        new = dict(step=step, doc_ids=doc_ids, position_ids=position_ids)
-        for name, t in new.items():
-            t = t.index_select(1, cols)
-            setattr(cache, name, t if fresh else torch.cat([getattr(cache, name), t], dim=1))
+        cache.commit(cols, step, doc_ids, position_ids)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
