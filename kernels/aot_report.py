@@ -33,7 +33,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "kernels"
 
-DTYPES = {"fp16": "fp16", "bf16": "bf16"}
+# Report name -> Triton pointer element type. fp32 is available on request (IEEE dots, slow path).
+DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+DEFAULT_DTYPES = ("fp16", "bf16")
 TARGETS = (80, 90)
 HEAD_DIMS = (64, 128)
 
@@ -139,12 +141,16 @@ def _cubin_registers(cubin: bytes) -> int:
     return int(match.group(1))
 
 
-def _variants(head_dim: int) -> list[tuple[str, Callable, dict[str, Any], int, int, int, int]]:
-    """(name, kernel, constexprs, block_m, block_n, num_warps, num_stages) of the four launches."""
+def _variants(head_dim: int, dtype: str) -> list[tuple[str, Callable, dict[str, Any], int, int, int, int]]:
+    """(name, kernel, constexprs, block_m, block_n, num_warps, num_stages) of the four launches,
+    with the constexprs the launcher would pass on a GPU for ``dtype``."""
+    import torch
+
     from . import pseudo_mask_attention as pma
 
-    cfg = pma.default_config(head_dim)
-    common = dict(HEAD_DIM=head_dim, MAX_DISTANCE=128, HAS_BIAS=True, DOT_FP32=False, PRECISION="tf32")
+    cfg = pma.default_config(head_dim, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    precision = "ieee" if dtype == "fp32" else "tf32"  # as pma._kernel_flags on a GPU
+    common = dict(HEAD_DIM=head_dim, MAX_DISTANCE=128, HAS_BIAS=True, DOT_FP32=False, PRECISION=precision)
     return [
         ("fwd", pma._attn_fwd, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common),
          cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages),
@@ -159,7 +165,7 @@ def _variants(head_dim: int) -> list[tuple[str, Callable, dict[str, Any], int, i
 
 def compile_rows(
     targets: Iterable[int] = TARGETS,
-    dtypes: Iterable[str] = tuple(DTYPES),
+    dtypes: Iterable[str] = DEFAULT_DTYPES,
     head_dims: Iterable[int] = HEAD_DIMS,
     kernels: Optional[Sequence[str]] = None,
 ) -> list[dict[str, Any]]:
@@ -167,7 +173,7 @@ def compile_rows(
 
     Args:
         targets: CUDA compute capabilities, e.g. ``(80, 90)``.
-        dtypes: ``"fp16"`` and/or ``"bf16"``.
+        dtypes: ``"fp16"``, ``"bf16"`` (default both) and/or ``"fp32"``.
         head_dims: head dims with a default block configuration.
         kernels: subset of ``fwd, bwd_preprocess, bwd_dkdv, bwd_dq``; default all.
     """
@@ -184,7 +190,7 @@ def compile_rows(
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r}: choose from {sorted(DTYPES)}")
             for head_dim in head_dims:
-                for name, fn, constexprs, bm, bn, warps, stages in _variants(head_dim):
+                for name, fn, constexprs, bm, bn, warps, stages in _variants(head_dim, dtype):
                     if kernels is not None and name not in kernels:
                         continue
                     signature, consts, attrs = _specialise(fn, DTYPES[dtype], constexprs)
@@ -215,7 +221,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", type=int, nargs="+", default=list(TARGETS), help="compute capabilities")
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=sorted(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=list(DEFAULT_DTYPES), choices=sorted(DTYPES))
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     parser.add_argument("--kernels", nargs="+", default=None,
                         choices=["fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"])

@@ -36,8 +36,8 @@ Layout follows Triton's fused-attention tutorial vocabulary: ``Q, K, V, Out, LSE
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -568,12 +568,28 @@ DEFAULT_CONFIGS: dict[int, BlockConfig] = {
 }
 
 
-def default_config(head_dim: int) -> BlockConfig:
-    """The block configuration used for ``head_dim`` when none is given."""
+# fp32 inputs use IEEE fp32 dots, which Triton lowers to FMA loops, not tensor cores: they need
+# much smaller tiles to fit (64 x 64 spills tens of KB). Chosen the same way; fp32 on a GPU is a
+# correctness path, not the training path (use bf16 / fp16 autocast there).
+_FP32_SMALL_HEAD = BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=1, block_m1=16, block_n1=32,
+                               num_warps1=4, num_stages1=1, block_m2=32, block_n2=32, num_warps2=4, num_stages2=2)
+# D <= 32: forward with 8 warps (with 4, ptxas keeps 8 bytes in local memory on sm_90).
+_FP32_TINY_HEAD = dataclasses.replace(_FP32_SMALL_HEAD, num_warps=8)
+FP32_CONFIGS: dict[int, BlockConfig] = {
+    16: _FP32_TINY_HEAD,
+    32: _FP32_TINY_HEAD,
+    64: _FP32_SMALL_HEAD,
+    128: BlockConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, block_m1=16, block_n1=32, num_warps1=8,
+                     num_stages1=2, block_m2=32, block_n2=32, num_warps2=4, num_stages2=2),
+}
+
+
+def default_config(head_dim: int, dtype: torch.dtype = torch.float16) -> BlockConfig:
+    """The block configuration used for ``head_dim`` and input ``dtype`` when none is given."""
     if head_dim not in DEFAULT_CONFIGS:
         raise ValueError(f"head_dim={head_dim} is not supported by the triton backend: use one of "
                          f"{SUPPORTED_HEAD_DIMS} or the 'sdpa'/'reference' backends")
-    return DEFAULT_CONFIGS[head_dim]
+    return (FP32_CONFIGS if dtype == torch.float32 else DEFAULT_CONFIGS)[head_dim]
 
 
 def _kernel_flags(dtype: torch.dtype) -> tuple[bool, str]:
@@ -605,7 +621,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, q_step: Tensor, q_doc: Tensor, k_
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    if Lq == 0:
+    if out.numel() == 0:  # B, H or Lq is 0: nothing to launch
         return out, lse
     if Lk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
@@ -643,7 +659,7 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     has_bias = lut is not None
     width = 2 * max_distance + 1
     dlut = torch.zeros((B, H, width) if has_bias else (0,), device=q.device, dtype=torch.float32)
-    if Lq == 0 or Lk == 0:
+    if dq.numel() == 0 or Lk == 0:  # nothing attended: all gradients are 0
         return dq, dk, dv, dlut.sum(0) if has_bias else dlut
     if not has_bias:
         q_pos = k_pos = _placeholder(q.device, torch.int32)
@@ -734,12 +750,16 @@ def _setup_context(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut)
     ctx.scale, ctx.max_distance, ctx.config = scale, max_distance, config
+    # An unused lse gets None instead of a materialised zero tensor: the backward then skips it.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]):
     q, k, v, out, lse, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
+    if grad_lse is not None:
+        grad_lse = grad_lse.to(torch.float32).contiguous()  # read with lse's (B, H, Lq) contiguous offsets
     dq, dk, dv, dlut = _bwd_op(grad_out, q, k, v, out, lse, grad_lse, q_step, q_doc, k_step, k_doc, q_pos,
                                k_pos, lut, ctx.scale, ctx.max_distance, ctx.config)
     return dq, dk, dv, None, None, None, None, None, None, (dlut if lut is not None else None), None, None, None
@@ -800,7 +820,7 @@ def fused_pseudo_mask_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the ``(B, H, Lq)`` fp32 natural-log log-sum-exp of the scores
             (``-inf`` on rows with no visible key); it is differentiable too.
-        config: block sizes; default :func:`default_config` of ``D``.
+        config: block sizes; default :func:`default_config` of ``D`` and the dtype.
     Returns:
         ``out (B, H, Lq, D)`` in q's dtype (rows with no visible key are 0), and ``lse`` if asked.
     """
@@ -819,10 +839,14 @@ def fused_pseudo_mask_attention(
                          "or set TRITON_INTERPRET=1 before triton is imported to run it interpreted (slow)")
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = default_config(D) if config is None else config
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={D} is not supported by the triton backend: use one of "
                          f"{SUPPORTED_HEAD_DIMS} or the 'sdpa'/'reference' backends")
+    if config is not None and not isinstance(config, BlockConfig):
+        raise TypeError(f"config must be a BlockConfig, got {type(config).__name__}")
+    cfg = default_config(D, q.dtype) if config is None else config
+    if position_bias is not None and not isinstance(position_bias, RelativePositionBias):
+        raise TypeError(f"position_bias must be a RelativePositionBias, got {type(position_bias).__name__}")
     if q_step is None and Lq != Lk:
         raise ValueError(f"queries ({Lq}) and keys ({Lk}) differ in length: pass q_step (and q_doc_ids)")
     qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
