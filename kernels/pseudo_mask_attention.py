@@ -48,7 +48,7 @@ from torch import Tensor
 
 from pmlm_engine.attention import RelativePositionBias, register_backend, relative_position_bucket
 
-from .tile_stats import resolve_layout, tile_classes, tile_lists
+from .tile_stats import TileStats, resolve_layout, tile_classes, tile_lists, tile_stats
 
 # The kernels work in base 2: exp(x) = exp2(x * log2(e)). Kernel globals must be tl.constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -880,6 +880,29 @@ def fused_pseudo_mask_attention(
     return (out, lse) if return_lse else out
 
 
+def flop_model(
+    step: Tensor,
+    doc_ids: Optional[Tensor] = None,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float16,
+    config: Optional[BlockConfig] = None,
+    *,
+    q_step: Optional[Tensor] = None,
+    q_doc_ids: Optional[Tensor] = None,
+) -> dict[str, TileStats]:
+    """Tile counts of each pass for a layout, at the block sizes the kernels would use.
+
+    Returns ``{"fwd": ..., "bwd_dkdv": ..., "bwd_dq": ...}``; each :class:`TileStats` gives the
+    empty / partial / full counts and ``computed_fraction`` (tiles computed over dense tiles).
+    Shapes as in :func:`fused_pseudo_mask_attention`.
+    """
+    cfg = default_config(head_dim, dtype) if config is None else config
+    blocks = {"fwd": (cfg.block_m, cfg.block_n), "bwd_dkdv": (cfg.block_m1, cfg.block_n1),
+              "bwd_dq": (cfg.block_m2, cfg.block_n2)}
+    return {name: tile_stats(step, doc_ids, bm, bn, q_step=q_step, q_doc_ids=q_doc_ids)
+            for name, (bm, bn) in blocks.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend registration
 
@@ -910,5 +933,5 @@ def _backend(q: Tensor, k: Tensor, v: Tensor, step: Tensor, doc_ids: Optional[Te
 
 register_backend("triton", _backend, unavailable)
 
-__all__ = ["BlockConfig", "DEFAULT_CONFIGS", "INTERPRETED", "bias_lut", "default_config",
-           "fused_pseudo_mask_attention", "unavailable"]
+__all__ = ["BlockConfig", "DEFAULT_CONFIGS", "FP32_CONFIGS", "INTERPRETED", "bias_lut", "default_config",
+           "flop_model", "fused_pseudo_mask_attention", "unavailable"]

@@ -249,6 +249,12 @@ class TileStats:
         """Visible pairs over dense pairs: the FLOPs an ideal element-sparse kernel would do."""
         return self.visible_pairs / max(1, self.dense_pairs)
 
+    def as_row(self) -> dict[str, float | int]:
+        """Fields and derived fractions as one flat dict (for benchmark tables / JSONL)."""
+        return {"block_m": self.block_m, "block_n": self.block_n, "empty": self.empty, "partial": self.partial,
+                "full": self.full, "total": self.total, "computed_fraction": self.computed_fraction,
+                "visible_fraction": self.visible_fraction}
+
     def flops(self, num_heads: int, head_dim: int, backward: bool = False) -> int:
         """Matmul FLOPs of the computed tiles: 2 matmuls forward (QK^T, PV), 5 backward
         (QK^T again, dV, dP, dQ, dK), 2 * block_m * block_n * head_dim each."""
