@@ -653,14 +653,16 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     (a 0-element tensor without bias)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    dq = torch.zeros((B, H, Lq, D), device=q.device, dtype=q.dtype)
-    dk = torch.zeros((B, H, Lk, D), device=k.device, dtype=k.dtype)
-    dv = torch.zeros((B, H, Lk, D), device=v.device, dtype=v.dtype)
+    # Every program stores its whole tile (zeros where nothing was visible), so no memset.
+    dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, Lk, D), device=k.device, dtype=k.dtype)
+    dv = torch.empty((B, H, Lk, D), device=v.device, dtype=v.dtype)
     has_bias = lut is not None
     width = 2 * max_distance + 1
+    # One accumulator per (batch, head): atomics of different rows never contend; summed below.
     dlut = torch.zeros((B, H, width) if has_bias else (0,), device=q.device, dtype=torch.float32)
     if dq.numel() == 0 or Lk == 0:  # nothing attended: all gradients are 0
-        return dq, dk, dv, dlut.sum(0) if has_bias else dlut
+        return dq.zero_(), dk.zero_(), dv.zero_(), dlut.sum(0) if has_bias else dlut
     if not has_bias:
         q_pos = k_pos = _placeholder(q.device, torch.int32)
         lut = _placeholder(q.device, torch.float32)
