@@ -420,7 +420,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="sources per batch (default 16)")
     p.add_argument("--attention-backend", default="auto", help="auto | reference | sdpa | torch | triton")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, all cores; 1 is faster on a shared, busy machine)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads {args.threads}: expected a positive number")
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from .checkpoint import load_model, read_config

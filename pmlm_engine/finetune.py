@@ -309,7 +309,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> FinetuneConfig:
     p.add_argument("--max-examples", type=int, default=0, help="use only the first N pairs (default 0 = all)")
     p.add_argument("--log-every", type=int, default=d.log_every, help=f"steps per metrics line (default {d.log_every})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, all cores; 1 is faster on a shared, busy machine)")
     a = p.parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            p.error(f"--threads {a.threads}: expected a positive number")
+        torch.set_num_threads(a.threads)
     return FinetuneConfig(
         init=a.init, data=a.data, out=a.out, tokenizer=a.tokenizer, max_src_len=a.max_src_len,
         max_tgt_len=a.max_tgt_len, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
