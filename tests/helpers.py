@@ -25,8 +25,8 @@ def random_example(rng: np.random.Generator, text_len: int, seed: int,
 def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, backend: str = "reference", **kw) -> PMLMModel:
     """A 2-layer model in eval mode with a non-trivial relative bias table."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                      max_position=128, attention_backend=backend, **kw)
+    shape = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position=128)
+    cfg = ModelConfig(**{**shape, **kw}, attention_backend=backend)
     model = PMLMModel(cfg).to(dtype).eval()
     if model.rel_pos_bias is not None:
         with torch.no_grad():
