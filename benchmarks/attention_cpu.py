@@ -124,34 +124,44 @@ def _backend(name: str, step: Tensor, pos: Tensor, with_bias: bool) -> Callable[
     return run
 
 
-def _flex(step: Tensor, pos: Tensor, with_bias: bool) -> Callable[..., Tensor]:
-    """Compiled FlexAttention; the block mask is built once (it depends on the layout only)."""
+def _flex(step: Tensor, pos: Tensor, with_bias: bool, table: Tensor) -> Callable[..., Tensor]:
+    """Compiled FlexAttention; the block mask and the score_mod are built once per shape (a new
+    score_mod object per call would make dynamo recompile). Forward only: on the CPU
+    FlexAttention raises for inputs that require grad, which is what the backward attempt
+    records; forward timings use detached inputs."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     lut = torch.tensor(bucket_lut(NUM_BUCKETS, MAX_DISTANCE))
+    bias_table = table.detach()  # shares storage with the benchmark's table
 
     def pseudo_mask(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's mask_mod signature
         wq, wk = step[b, q_idx], step[b, kv_idx]
         ctx = wk >= 0
         return torch.where(wq >= 0, ctx & (wk <= wq), (ctx & (wk < -wq)) | (wk == wq))
 
+    def relative_bias(score, b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's score_mod signature
+        rel = pos[b, kv_idx] - pos[b, q_idx]
+        bucket = lut[rel.abs().clamp(max=MAX_DISTANCE)] + (rel > 0).to(torch.int64) * (NUM_BUCKETS // 2)
+        return score + bias_table[h, bucket]
+
     L = step.shape[1]
     block_mask = create_block_mask(pseudo_mask, B=step.shape[0], H=None, Q_LEN=L, KV_LEN=L, device="cpu")
     compiled = torch.compile(flex_attention)
+    score_mod = relative_bias if with_bias else None
 
     def run(q: Tensor, k: Tensor, v: Tensor, table: Tensor) -> Tensor:
-        score_mod = None
-        if with_bias:
-            def score_mod(score, b, h, q_idx, kv_idx):  # noqa: ANN001
-                rel = pos[b, kv_idx] - pos[b, q_idx]
-                bucket = lut[rel.abs().clamp(max=MAX_DISTANCE)] + (rel > 0).to(torch.int64) * (NUM_BUCKETS // 2)
-                return score + table[h, bucket]
+        if not torch.is_grad_enabled():
+            q, k, v = q.detach(), k.detach(), v.detach()
         return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
     return run
 
 
 # ---------------------------------------------------------------------------------------------
 # Timing
+
+
+def _first_line(e: BaseException, limit: int = 70) -> str:
+    return (str(e).splitlines() or [""])[0][:limit].replace("|", "/")
 
 
 def _percentile(xs: list[float], p: float) -> float:
@@ -179,7 +189,7 @@ def _time_shape(shape: Shape, impls: list[str], warmup: int, repeats: int, seed:
         "torch": lambda: _backend("torch", step, pos, shape.bias),
         "sdpa": lambda: _backend("sdpa", step, pos, shape.bias),
         "eager": lambda: _eager_s2sft(step, pos, shape.bias),
-        "flex": lambda: _flex(step, pos, shape.bias),
+        "flex": lambda: _flex(step, pos, shape.bias, table),
     }
     fns: dict[str, Callable[..., Tensor]] = {}
     notes: dict[str, str] = {}
@@ -187,35 +197,39 @@ def _time_shape(shape: Shape, impls: list[str], warmup: int, repeats: int, seed:
     for name in impls:
         try:
             fns[name] = builders[name]()
-            out = fns[name](*leaves)  # compiles where needed
-            can_bwd[name] = True
-            try:
-                torch.autograd.grad(out, wrt, grad)
-            except (NotImplementedError, RuntimeError) as e:  # FlexAttention: no CPU backward
-                can_bwd[name] = False
-                notes[name] = f"no backward: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            with torch.no_grad():
+                fns[name](*leaves)  # compiles where needed
         except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
-            notes[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            notes[name] = f"failed: {type(e).__name__}: {_first_line(e)}"
             fns.pop(name, None)
+            continue
+        try:
+            torch.autograd.grad(fns[name](*leaves), wrt, grad)
+            can_bwd[name] = True
+        except (NotImplementedError, RuntimeError) as e:  # FlexAttention: no backward on the CPU
+            can_bwd[name] = False
+            notes[name] = f"forward only, backward raises {type(e).__name__}: {_first_line(e)}"
 
-    fwd: dict[str, list[float]] = {n: [] for n in fns}
-    fwdbwd: dict[str, list[float]] = {n: [] for n in fns}
+    series: dict[str, dict[str, list[float]]] = {
+        key: {n: [] for n in fns} for key in ("fwd", "fwdbwd", "fwd_cpu", "fwdbwd_cpu")}
     load = _load1()
     for r in range(warmup + repeats):
         for name, fn in fns.items():  # round-robin: shared-machine load hits every impl alike
             with torch.no_grad():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn(*leaves)
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
             if r >= warmup:
-                fwd[name].append((t1 - t0) * 1e3)
+                series["fwd"][name].append((t1 - t0) * 1e3)
+                series["fwd_cpu"][name].append((c1 - c0) * 1e3)
             if can_bwd[name]:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fn(*leaves)
                 torch.autograd.grad(out, wrt, grad)
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
                 if r >= warmup:
-                    fwdbwd[name].append((t1 - t0) * 1e3)
+                    series["fwdbwd"][name].append((t1 - t0) * 1e3)
+                    series["fwdbwd_cpu"][name].append((c1 - c0) * 1e3)
 
     rows = []
     for name in impls:
@@ -225,35 +239,45 @@ def _time_shape(shape: Shape, impls: list[str], warmup: int, repeats: int, seed:
             "bias": shape.bias, "threads": torch.get_num_threads(), "load1": load,
             "fwd_ms": None, "fwd_p20": None, "fwd_p80": None,
             "fwdbwd_ms": None, "fwdbwd_p20": None, "fwdbwd_p80": None,
+            "fwd_cpu_ms": None, "fwdbwd_cpu_ms": None,
             "speedup_fwd_vs_sdpa": None, "speedup_fwdbwd_vs_sdpa": None,
+            "speedup_fwdbwd_cpu_vs_sdpa": None,
             "note": notes.get(name, ""),
         }
-        for key, series in (("fwd", fwd), ("fwdbwd", fwdbwd)):
-            xs = series.get(name) or []
+        for key in ("fwd", "fwdbwd"):
+            xs = series[key].get(name) or []
             if xs:
                 row[f"{key}_ms"] = statistics.median(xs)
                 row[f"{key}_p20"] = _percentile(xs, 0.2)
                 row[f"{key}_p80"] = _percentile(xs, 0.8)
+            cpu = series[f"{key}_cpu"].get(name) or []
+            if cpu:
+                row[f"{key}_cpu_ms"] = statistics.median(cpu)
         rows.append(row)
     base = next((r for r in rows if r["impl"] == "sdpa"), None)
     for row in rows:
-        for key in ("fwd", "fwdbwd"):
+        for key in ("fwd", "fwdbwd", "fwdbwd_cpu"):
             if base and base[f"{key}_ms"] and row[f"{key}_ms"]:
                 row[f"speedup_{key}_vs_sdpa"] = base[f"{key}_ms"] / row[f"{key}_ms"]
     return rows
 
 
-def run_attention_suite(quick: bool) -> list[dict]:
+def run_attention_suite(quick: bool, *, threads: Optional[int] = None) -> list[dict]:
     """Time every implementation on every shape; one dict per (implementation, shape).
 
     Quick: the pre-training shape (M=512, ratio 0.15, A=154) with and without bias, plus M=128
     without bias; FlexAttention only at the first shape. Full: M in 128/256/512, ratio in
     0.15/0.3, bias off/on, FlexAttention everywhere.
 
+    ``threads``: torch's intra-op threads for the run (None: leave as is), restored afterwards.
+
     Keys: impl, shape (label), B, H, D, main, appended, L, ratio, bias, threads, load1 (1-minute
     load average before the shape ran), fwd_ms / fwd_p20 / fwd_p80, fwdbwd_ms / fwdbwd_p20 /
-    fwdbwd_p80 (None where not measured), speedup_fwd_vs_sdpa and speedup_fwdbwd_vs_sdpa
-    (sdpa's median divided by this row's: above 1 is faster), note.
+    fwdbwd_p80 (wall clock; None where not measured), fwd_cpu_ms / fwdbwd_cpu_ms (median process
+    CPU time, all threads: with one thread it is the work done, nearly independent of other
+    processes' load, which wall time is not on a shared machine), speedup_fwd_vs_sdpa,
+    speedup_fwdbwd_vs_sdpa, speedup_fwdbwd_cpu_vs_sdpa (sdpa's median divided by this row's:
+    above 1 is faster), note.
     """
     if quick:
         shapes = [Shape(512, 0.15, False), Shape(512, 0.15, True), Shape(128, 0.15, False)]
@@ -261,12 +285,18 @@ def run_attention_suite(quick: bool) -> list[dict]:
     else:
         shapes = [Shape(m, r, b) for b in (False, True) for r in (0.15, 0.3) for m in (128, 256, 512)]
         warmup, repeats = 2, 7
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     rows: list[dict] = []
-    for i, shape in enumerate(shapes):
-        impls = ["torch", "sdpa", "eager"]
-        if not quick or i == 0:
-            impls.append("flex")
-        rows += _time_shape(shape, impls, warmup, repeats)
+    try:
+        for i, shape in enumerate(shapes):
+            impls = ["torch", "sdpa", "eager"]
+            if not quick or i == 0:
+                impls.append("flex")
+            rows += _time_shape(shape, impls, warmup, repeats)
+    finally:
+        torch.set_num_threads(saved_threads)
     return rows
 
 
@@ -280,23 +310,27 @@ def format_table(rows: list[dict]) -> str:
     def x(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.2f}x"
 
-    lines = ["| shape | impl | fwd ms (p20-p80) | fwd+bwd ms (p20-p80) | fwd vs sdpa | fwd+bwd vs sdpa | load | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | impl | threads | fwd ms (p20-p80) | fwd+bwd ms (p20-p80) | fwd vs sdpa | fwd+bwd vs sdpa "
+             "| fwd+bwd CPU ms | CPU vs sdpa | load | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         load = "-" if r["load1"] is None else f"{r['load1']:.2f}"
-        lines.append(f"| {r['shape']} | {r['impl']} | {ms(r, 'fwd')} | {ms(r, 'fwdbwd')} | "
-                     f"{x(r['speedup_fwd_vs_sdpa'])} | {x(r['speedup_fwdbwd_vs_sdpa'])} | {load} | {r['note']} |")
+        cpu = "-" if r["fwdbwd_cpu_ms"] is None else f"{r['fwdbwd_cpu_ms']:.1f}"
+        lines.append(f"| {r['shape']} | {r['impl']} | {r['threads']} | {ms(r, 'fwd')} | {ms(r, 'fwdbwd')} | "
+                     f"{x(r['speedup_fwd_vs_sdpa'])} | {x(r['speedup_fwdbwd_vs_sdpa'])} | {cpu} | "
+                     f"{x(r['speedup_fwdbwd_cpu_vs_sdpa'])} | {load} | {r['note']} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="all shapes (minutes) instead of the quick set")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: as set)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={B} H={H} D={D} fp32; "
+    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, B={B} H={H} D={D} fp32; "
           f"load average before: {_load1()}")
-    print(format_table(run_attention_suite(quick=not args.full)))
+    print(format_table(run_attention_suite(quick=not args.full, threads=args.threads)))
     print(f"load average after: {_load1()}")
 
 

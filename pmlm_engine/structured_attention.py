@@ -3,52 +3,53 @@
 
 The dense backends build the ``(B, Lq, Lk)`` mask of PMLM.md section 3 and attend every query
 to every key. The layout (PMLM.md section 2) makes most of that mask predictable: inside one
-document, the ``m`` main tokens come first and see exactly the main tokens of their document;
-the ``a`` appended tokens follow and see the main tokens plus part of the appended region.
-So one document of ``n = m + a`` tokens is two blocks:
+document of ``n = m + a`` tokens, the ``m`` main tokens come first and see exactly the main
+tokens of their document; the ``a`` appended tokens follow and see *all* those main tokens plus
+part of the appended region. Only ``appended x appended`` needs the rule. Per document:
 
-* **main block**: queries ``[s, s+m)`` x keys ``[s, s+m)``, *no mask at all* (SDPA's fastest
-  CPU kernel), ``m^2`` scores instead of ``m * n``;
-* **appended block**: queries ``[s+m, s+n)`` x keys ``[s, s+n)``, one softmax over main and
-  appended keys jointly, with the small ``(a, n)`` mask stated by
-  :func:`~pmlm_engine.attention.dense_pseudo_mask` itself (so the rule has one home).
+* **no bias** (CPU): :class:`_MergedFlash`. One call of SDPA's CPU flash kernel puts all ``n``
+  queries against the ``m`` main keys with no mask (its fastest case); a second puts the
+  appended queries against the appended keys with the rule's ``(a, a)`` mask; the appended rows
+  merge the two partial softmaxes by their log-sum-exps (one softmax over main and appended
+  keys, as in split-KV attention). ``n*m + a*a`` scores instead of ``n*n``: at the
+  pre-training shape (``m = 512``, ``a = 154``) 0.82x the dense scores, 5% of them masked;
+* **bias that needs no gradient**, or a device without that kernel: two SDPA blocks,
+  ``main x main`` unmasked and ``appended x (main + appended)`` with the ``(a, n)`` rule, each
+  with its block of the bias as an additive mask;
+* **bias whose table needs a gradient** (training): the same two blocks through
+  :class:`_BiasedAttention`, a tiled eager attention that also returns the table's gradient
+  (SDPA would send a differentiable mask to its slow math kernel over all ``L x L`` pairs).
 
-For the pre-training shape (``m = 512``, ``a = 154``) that is 0.82x the scores of the dense
-``666 x 666`` problem, and the big block runs unmasked.
+The bias is materialised only for the blocks computed, from bucket indices computed once per
+block; the ``main x main`` buckets are computed once for all rows when their main position ids
+agree. The rule itself is always :func:`~pmlm_engine.attention.dense_pseudo_mask` (one home).
 
 How a batch is handled (:func:`plan_batch`, decided per call from ``step`` and ``doc_ids``):
 
 * every document must be one contiguous run of its ``doc_id`` whose ``step == 0`` tokens are a
   prefix of the run. Rows may hold several documents (packing) and any padding (``doc_id < 0``)
-  between or after them. Documents with the same start and main length form a *group*: one
-  attention call per group and block, the appended block padded to the group's longest ``a``
-  (the rule masks what lies beyond a document's end);
-* the *fast* case -- one group that starts at 0 and covers every row in order, the output of
-  ``collate_padded`` with a fixed main length -- needs no gather: blocks are slices of q, k, v
-  and the output is one ``cat``;
-* otherwise (several groups) block outputs are put in place with one ``index_copy``;
-* **dense fallback** (the mask over all ``L x L`` pairs, nothing of the structure assumed) when:
-  ``q_step``/``q_doc_ids`` are given (incremental decoding: the queries are a few tokens, dense
-  is cheap), ``dropout_p > 0`` (delegated to the ``sdpa`` backend, which implements dropout), a
-  document is not laid out as above, or the cost model says the blocks are not cheaper (many
-  tiny documents: each call costs about :data:`CALL_OVERHEAD_SCORES` score-heads).
+  between or after them. Documents with the same start column and main length form a *group*,
+  computed by one set of calls; the group's columns reach to its longest document's end, and
+  the rule's doc check masks what lies beyond a shorter document's end;
+* the *fast* case -- one group that starts at column 0 and covers every row in order, i.e.
+  ``collate_padded`` with one main length -- needs no gather: q, k, v go in as they are and
+  the output is the group's (plus zeros for trailing padding);
+* otherwise (several groups) group outputs are put in place with one ``index_copy``;
+* **dense fallback** (the rule over all ``L x L`` pairs, nothing of the structure assumed) when
+  ``q_step``/``q_doc_ids`` are given (incremental decoding: few queries, dense is cheap),
+  ``dropout_p > 0`` (delegated to the ``sdpa`` backend, which implements dropout), a document is
+  not laid out as above, or the cost model says blocks are not cheaper (many tiny documents:
+  each call costs about :data:`CALL_OVERHEAD_SCORES` score-heads). With a bias that needs a
+  gradient the fallback still uses :class:`_BiasedAttention` rather than SDPA's math kernel.
 
-The relative position bias is materialised only for the blocks computed (``main x main`` and
-``appended x (main + appended)``), from bucket indices computed once per block; the
-``main x main`` buckets are computed once for all rows when the rows' main position ids agree.
-When the bias table needs a gradient, SDPA cannot give one without falling back to its slow
-math kernel, so the block runs :class:`_BiasedAttention`: a chunked eager attention (a few heads
-at a time, so the score chunks stay in cache and malloc does not page-fault fresh 100 MB tensors)
-that recomputes probabilities in backward and reduces ``dS`` into the ``(H, num_buckets)`` table
-gradient with ``index_add_``.
-
-Rows with no visible key (padding queries) return zeros, as in every backend.
+Rows with no visible key (padding queries) return zeros, as in every backend. Autograd works
+through every path (plain torch ops and two ``autograd.Function``s with explicit backward).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -71,13 +72,15 @@ __all__ = [
 ]
 
 CALL_OVERHEAD_SCORES: int = 50_000
-"""Fixed cost of one block attention call (mask building, kernel launch, autograd nodes), in
-units of one score of one head (about 6 ns forward+backward on the 2-core reference machine;
-a call costs about 0.3 ms). Used only to decide between blocks and the dense fallback."""
+"""Fixed cost of one block attention call (mask building, kernel launches, autograd nodes), in
+units of one score of one head (one score-head costs about 6 ns forward+backward on the 2-core
+reference machine; a call about 0.3 ms). Used only to choose between blocks and the dense
+fallback; tests set it to 0 to force blocks at tiny shapes."""
 
 _CHUNK_SCORES: int = 1 << 20
-"""Scores per chunk of :class:`_BiasedAttention` (4 MiB in fp32): big enough for efficient GEMMs,
-small enough to stay in cache and below glibc's mmap threshold (no page faults per chunk)."""
+"""Scores per tile of :class:`_BiasedAttention` (4 MiB in fp32): big enough for efficient GEMMs,
+small enough to stay in cache and below glibc's mmap threshold (no page faults per tile).
+Measured at 512 x 512: tiles of 4 heads ran the forward in 56 ms, of 12 heads in 86 ms."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,12 +214,12 @@ class _BiasSpec:
 
 
 def _bias_spec(
-    bias: RelativePositionBias, rows: Union[slice, Tensor], q_cols: slice, k_cols: slice
+    bias: RelativePositionBias, rows: Union[slice, Tensor, None], q_cols: slice, k_cols: slice
 ) -> _BiasSpec:
     """Bucket indices of a block (rows x q_cols x k_cols), shared by rows when their positions agree."""
-    k_pos = bias.position_ids[rows, k_cols]  # (G, Lk)
+    k_pos = _take_rows(bias.position_ids, rows)[:, k_cols]  # (G, Lk)
     q_src = bias.position_ids if bias.q_position_ids is None else bias.q_position_ids
-    q_pos = q_src[rows, q_cols]  # (G, Lq)
+    q_pos = _take_rows(q_src, rows)[:, q_cols]  # (G, Lq)
     if k_pos.shape[0] > 1 and bool((k_pos == k_pos[:1]).all()) and bool((q_pos == q_pos[:1]).all()):
         # Same positions in every row (e.g. main tokens at 0..m-1): one set of buckets.
         k_pos, q_pos = k_pos[:1], q_pos[:1]
@@ -277,10 +280,11 @@ def _block_attention(
 class _BiasedAttention(torch.autograd.Function):
     """Attention with a bucketed relative bias whose table gets a gradient.
 
-    Eager math, but chunked over (row, a few heads) so that each ``(c, Lq, Lk)`` score chunk is
-    about 4 MiB: it stays in cache and malloc reuses it (a fresh 100 MB score tensor costs more
-    in page faults than its GEMM). Backward recomputes the probabilities chunk by chunk (no
-    ``(G, H, Lq, Lk)`` tensor is saved) and reduces ``dS`` into the table with ``index_add_``.
+    Eager math in tiles of about :data:`_CHUNK_SCORES` scores: a few heads of one row when a
+    row is big, several whole rows when rows are small (fewer ops: each op is a parallel
+    region). A ~4 MiB score tile stays in cache and malloc reuses it (a fresh 100 MB score
+    tensor costs more in page faults than its GEMM). Backward recomputes the probabilities tile
+    by tile (no ``(G, H, Lq, Lk)`` tensor is saved) and reduces ``dS`` into the table.
     """
 
     @staticmethod
@@ -295,17 +299,15 @@ class _BiasedAttention(torch.autograd.Function):
         scale: float,
     ) -> Tensor:
         cdt = _compute_dtype(q.dtype)
-        G, H, Lq, _ = q.shape
+        G, H, Lq, D = q.shape
+        Lk = k.shape[2]
         out = torch.empty(q.shape, dtype=cdt, device=q.device)
         qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
-        chunk = _head_chunk(H, Lq, k.shape[2])
         addends = _Addends(table, buckets, visible, cdt)
-        for g in range(G):
-            addend = addends[g]  # (H, Lq, Lk): bias, -inf where not visible
-            for h0 in range(0, H, chunk):
-                hs = slice(h0, h0 + chunk)
-                s = torch.baddbmm(addend[hs], qc[g, hs], kc[g, hs].transpose(1, 2), alpha=scale)
-                torch.bmm(torch.softmax(s, -1), vc[g, hs], out=out[g, hs])
+        for g0, g1, h0, h1 in _tiles(G, H, Lq, Lk):
+            qt, kt, vt = (x[g0:g1, h0:h1].reshape(-1, x.shape[2], D) for x in (qc, kc, vc))  # (tile, L, D)
+            s = torch.baddbmm(addends.tile(g0, g1, h0, h1), qt, kt.transpose(1, 2), alpha=scale)
+            torch.bmm(torch.softmax(s, -1), vt, out=out[g0:g1, h0:h1].view(-1, Lq, D))
         result = out.to(q.dtype)
         # The returned tensor itself is saved (not an fp32 copy for half inputs): saving an
         # output costs no memory, delta = dO . O only needs it rounded.
@@ -319,33 +321,45 @@ class _BiasedAttention(torch.autograd.Function):
         scale: float = ctx.scale
         need_q, need_k, need_v, need_table = ctx.needs_input_grad[:4]
         cdt = _compute_dtype(q.dtype)
-        G, H, Lq, _ = q.shape
+        G, H, Lq, D = q.shape
+        Lk = k.shape[2]
         qc, kc, vc, do, out = q.to(cdt), k.to(cdt), v.to(cdt), d_out.to(cdt), out.to(cdt)
         # delta_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax backward's row term.
         delta = (do * out).sum(-1, keepdim=True)  # (G, H, Lq, 1)
         dq = torch.empty_like(qc) if need_q else None
         dk = torch.empty_like(kc) if need_k else None
         dv = torch.empty_like(vc) if need_v else None
-        dtable = torch.zeros(table.shape, dtype=cdt, device=table.device) if need_table else None
-        flat_buckets = buckets.reshape(buckets.shape[0], -1)
-        chunk = _head_chunk(H, Lq, k.shape[2])
+        nb = table.shape[1]
+        # Table gradient accumulated in _SPREAD sub-bins per bucket, selected by column: the
+        # buckets come in long runs of one value (every distance >= 128 is one bucket), and
+        # index_add_ into one accumulator is a serial chain of dependent adds; spread over 8
+        # accumulators it runs about 4x faster. The sub-bins are summed at the end.
+        dtable = torch.zeros(H, nb * _SPREAD, dtype=cdt, device=table.device) if need_table else None
+        flat = buckets.reshape(buckets.shape[0], -1)
+        lane = torch.arange(flat.shape[1], device=flat.device) % _SPREAD
+        flat_buckets = flat * _SPREAD + lane  # (1 or G, Lq*Lk)
+        shared_buckets = flat_buckets.shape[0] == 1
         addends = _Addends(table, buckets, visible, cdt)
-        for g in range(G):
-            addend = addends[g]
-            bucket_row = flat_buckets[g if flat_buckets.shape[0] > 1 else 0]
-            for h0 in range(0, H, chunk):
-                hs = slice(h0, h0 + chunk)
-                p = torch.softmax(torch.baddbmm(addend[hs], qc[g, hs], kc[g, hs].transpose(1, 2), alpha=scale), -1)
-                if dv is not None:
-                    torch.bmm(p.transpose(1, 2), do[g, hs], out=dv[g, hs])
-                ds = torch.bmm(do[g, hs], vc[g, hs].transpose(1, 2))  # dP, then in place dS
-                ds.sub_(delta[g, hs]).mul_(p)  # dS = P * (dP - delta); 0 where masked (P = 0)
-                if dtable is not None:
-                    dtable[hs].index_add_(1, bucket_row, ds.view(ds.shape[0], -1))
-                if dq is not None:
-                    torch.bmm(ds, kc[g, hs], out=dq[g, hs])
-                if dk is not None:
-                    torch.bmm(ds.transpose(1, 2), qc[g, hs], out=dk[g, hs])
+        for g0, g1, h0, h1 in _tiles(G, H, Lq, Lk):
+            r, c = g1 - g0, h1 - h0
+            qt, kt, vt, dot = (x[g0:g1, h0:h1].reshape(-1, x.shape[2], D) for x in (qc, kc, vc, do))
+            p = torch.softmax(torch.baddbmm(addends.tile(g0, g1, h0, h1), qt, kt.transpose(1, 2), alpha=scale), -1)
+            if dv is not None:
+                torch.bmm(p.transpose(1, 2), dot, out=dv[g0:g1, h0:h1].view(-1, Lk, D))
+            ds = torch.bmm(dot, vt.transpose(1, 2))  # dP, then in place dS
+            ds.sub_(delta[g0:g1, h0:h1].reshape(-1, Lq, 1)).mul_(p)  # dS = P * (dP - delta); 0 where masked
+            if dtable is not None:
+                per_head = ds.view(r, c, Lq * Lk)
+                if r == 1:
+                    dtable[h0:h1].index_add_(1, flat_buckets[0 if shared_buckets else g0], per_head[0])
+                elif shared_buckets:
+                    dtable.index_add_(1, flat_buckets[0], per_head.sum(0))
+                else:
+                    dtable.index_add_(1, flat_buckets[g0:g1].reshape(-1), per_head.transpose(0, 1).reshape(c, -1))
+            if dq is not None:
+                torch.bmm(ds, kt, out=dq[g0:g1, h0:h1].view(-1, Lq, D))
+            if dk is not None:
+                torch.bmm(ds.transpose(1, 2), qt, out=dk[g0:g1, h0:h1].view(-1, Lk, D))
         if dq is not None:
             dq = dq.mul_(scale).to(q.dtype)
         if dk is not None:
@@ -353,8 +367,12 @@ class _BiasedAttention(torch.autograd.Function):
         if dv is not None:
             dv = dv.to(v.dtype)
         if dtable is not None:
-            dtable = dtable.to(table.dtype)
+            dtable = dtable.view(H, nb, _SPREAD).sum(-1).to(table.dtype)
         return dq, dk, dv, dtable, None, None, None
+
+
+_SPREAD = 8
+"""Sub-bins per bucket for the table-gradient scatter (see :class:`_BiasedAttention`)."""
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -362,13 +380,27 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _head_chunk(num_heads: int, lq: int, lk: int) -> int:
-    return max(1, min(num_heads, _CHUNK_SCORES // max(1, lq * lk)))
+def _tiles(G: int, H: int, Lq: int, Lk: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(g0, g1, h0, h1)`` tiles of about :data:`_CHUNK_SCORES` scores: whole rows, several at a
+    time, when a row is small; else heads ``[h0, h1)`` of one row. Either way the tile of a
+    contiguous ``(G, H, L, D)`` tensor is contiguous."""
+    row = H * Lq * Lk
+    if row <= _CHUNK_SCORES:
+        rows = max(1, _CHUNK_SCORES // max(1, row))
+        for g0 in range(0, G, rows):
+            yield g0, min(G, g0 + rows), 0, H
+        return
+    heads = max(1, _CHUNK_SCORES // max(1, Lq * Lk))
+    for g in range(G):
+        for h0 in range(0, H, heads):
+            yield g, g + 1, h0, min(H, h0 + heads)
 
 
 class _Addends:
-    """Per row, ``(H, Lq, Lk)`` bias with ``-inf`` where not visible; built once when every row
-    shares it (shared buckets, no mask), else per row (a gather of ``H * Lq * Lk``)."""
+    """``(tile, Lq, Lk)`` bias with ``-inf`` where not visible, for the tiles of :func:`_tiles`.
+
+    Built once when every row shares it (shared buckets, no mask), else per row (a gather of
+    ``H * Lq * Lk``), keeping the last row for the next head tile of the same row."""
 
     def __init__(self, table: Tensor, buckets: Tensor, visible: Optional[Tensor], dtype: torch.dtype):
         self.table = table.detach().to(dtype)
@@ -377,6 +409,7 @@ class _Addends:
         self.shared: Optional[Tensor] = None
         if buckets.shape[0] == 1 and visible is None:
             self.shared = self._build(0)
+        self._last: tuple[int, Optional[Tensor]] = (-1, None)
 
     def _build(self, g: int) -> Tensor:
         b = self.buckets[g if self.buckets.shape[0] > 1 else 0]  # (Lq, Lk)
@@ -385,20 +418,38 @@ class _Addends:
             a.masked_fill_(~self.visible[g], float("-inf"))
         return a
 
-    def __getitem__(self, g: int) -> Tensor:
-        return self.shared if self.shared is not None else self._build(g)
+    def row(self, g: int) -> Tensor:
+        """``(H, Lq, Lk)`` of row ``g``."""
+        if self.shared is not None:
+            return self.shared
+        if self._last[0] != g:
+            self._last = (g, self._build(g))
+        return self._last[1]  # type: ignore[return-value]
+
+    def tile(self, g0: int, g1: int, h0: int, h1: int) -> Tensor:
+        if g1 - g0 == 1:
+            return self.row(g0)[h0:h1]
+        if self.shared is not None:
+            return self.shared[h0:h1].repeat(g1 - g0, 1, 1)
+        return torch.cat([self.row(g)[h0:h1] for g in range(g0, g1)])
 
 
 # ---------------------------------------------------------------------------------------------
 # The backend
 
 
-def _take_rows(x: Tensor, rows: Union[slice, Tensor]) -> Tensor:
+def _take_rows(x: Tensor, rows: Union[slice, Tensor, None]) -> Tensor:
+    """Rows of a batch tensor: ``x`` itself for None (all rows), a view for a slice, else a copy."""
+    if rows is None:
+        return x
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
-def _row_selector(rows: Sequence[int], device: torch.device) -> Union[slice, Tensor]:
-    """A slice (a view, no copy) when the rows are consecutive, else an index tensor."""
+def _row_selector(rows: Sequence[int], num_rows: int, device: torch.device) -> Union[slice, Tensor, None]:
+    """None for all rows in order (no view, no copy: a view would still cost a zero-filled copy
+    in backward), a slice when the rows are consecutive, else an index tensor."""
+    if list(rows) == list(range(num_rows)):
+        return None
     if list(rows) == list(range(rows[0], rows[0] + len(rows))):
         return slice(rows[0], rows[0] + len(rows))
     return torch.tensor(rows, dtype=torch.long, device=device)
@@ -429,6 +480,131 @@ def _dense_fallback(
     return _block_attention(q, k, v, visible, spec, scale)
 
 
+def _group_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    num_main: int,
+    step: Tensor,
+    doc_ids: Optional[Tensor],
+    bias_main: Optional[_BiasSpec],
+    bias_app: Optional[_BiasSpec],
+    scale: float,
+) -> Tensor:
+    """Attention of documents whose first ``num_main`` tokens are main, the rest appended.
+
+    Args:
+        q, k, v: ``(G, H, n, D)`` the documents' columns (``n = num_main + a``).
+        step, doc_ids: ``(G, n)`` the same columns' metadata (``doc_ids`` None: one document).
+        bias_main, bias_app: bias of the ``main x main`` and ``appended x all`` blocks, or None.
+    Returns:
+        ``(G, H, n, D)``; appended query rows with no visible key (padding) are zeros.
+    """
+    m = num_main
+    n = q.shape[2]
+
+    def app_rule(key_start: int) -> Tensor:
+        """The rule for the appended queries x keys ``[key_start, n)``: ``(G, a, n - key_start)``."""
+        return dense_pseudo_mask(
+            step[:, key_start:], None if doc_ids is None else doc_ids[:, key_start:],
+            q_step=step[:, m:], q_doc_ids=None if doc_ids is None else doc_ids[:, m:])
+
+    if m == n:  # only main tokens: no mask
+        return _block_attention(q, k, v, None, bias_main, scale)
+    if m == 0:  # only appended tokens
+        return _block_attention(q, k, v, app_rule(0), bias_app, scale)
+    if bias_main is None and bias_app is None and _merge_supported(q):
+        # Appended queries see every main key of their document: all n queries go through one
+        # unmasked call against the main keys, and only appended x appended needs the rule.
+        app_visible = app_rule(m)  # (G, a, a)
+        has_key = app_visible.any(-1, keepdim=True)  # (G, a, 1); False only for padding queries
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        # Rows without a visible key are opened (all 0): the flash kernel then stays finite, and
+        # those rows are zeroed after the merge.
+        app_mask = torch.where(app_visible | ~has_key, zero, float("-inf")).unsqueeze(1)  # (G, 1, a, a)
+        valid = None if bool(has_key.all()) else has_key.unsqueeze(1)  # (G, 1, a, 1)
+        return _MergedFlash.apply(q, k, v, m, app_mask, valid, scale)
+    main = _block_attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], None, bias_main, scale)
+    app = _block_attention(q[:, :, m:], k, v, app_rule(0), bias_app, scale)
+    return torch.cat([main, app], dim=2)
+
+
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _merge_supported(q: Tensor) -> bool:
+    """The merge needs SDPA's CPU flash kernel with its log-sum-exp (an aten op, not public API)."""
+    return _flash_cpu is not None and _flash_cpu_backward is not None and q.device.type == "cpu"
+
+
+class _MergedFlash(torch.autograd.Function):
+    """Main x main and appended x (main + appended) attention as two flash calls and a merge.
+
+    Call 1: all ``n`` queries x the ``m`` main keys, no mask (the kernel's fastest case).
+    Call 2: the ``a`` appended queries x the ``a`` appended keys, with the rule's mask.
+    The appended rows combine the two partial softmaxes by their log-sum-exps, so the result is
+    one softmax over main and appended keys; the work is ``n*m + a*a`` scores instead of the
+    ``m*m + a*n`` of two separate blocks (same count) but with only ``a*a`` of them masked, and
+    one call less of mask conversion (SDPA turns a bool mask into a float copy per call).
+
+    Backward: a flash backward only needs each query's final output ``O`` and log-sum-exp; fed
+    the merged ones, each call's backward yields exactly its keys' share of the gradient (the
+    split-KV rule), and the query gradients add.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        q: Tensor,  # (G, H, n, D)
+        k: Tensor,  # (G, H, n, D)
+        v: Tensor,  # (G, H, n, D)
+        num_main: int,
+        app_mask: Tensor,  # (G, 1, a, a) additive, 0 / -inf, at least one 0 per row
+        valid: Optional[Tensor],  # (G, 1, a, 1) bool: appended queries that keep their output
+        scale: float,
+    ) -> Tensor:
+        m = num_main
+        out, lse = _flash_cpu(q, k[:, :, :m], v[:, :, :m], 0.0, False, scale=scale)  # (G,H,n,D), (G,H,n)
+        o_app, lse_app = _flash_cpu(q[:, :, m:], k[:, :, m:], v[:, :, m:], 0.0, False, attn_mask=app_mask, scale=scale)
+        # Merge the appended rows: o = w_main * o_main + w_app * o_app with w_app =
+        # exp(lse_app - logaddexp(lse_main, lse_app)) = sigmoid(lse_app - lse_main), which is
+        # one in-place lerp on the output (lse is fp32 for every input dtype).
+        lse_main = lse[:, :, m:]  # (G, H, a) view
+        gap = lse_app - lse_main
+        o_main = out[:, :, m:]  # (G, H, a, D) view
+        o_main.lerp_(o_app, torch.sigmoid(gap).unsqueeze(-1).to(out.dtype))
+        if valid is not None:
+            o_main.masked_fill_(~valid, 0.0)
+        lse_main.add_(F.softplus(gap))  # logaddexp(lse_main, lse_app)
+        ctx.save_for_backward(q, k, v, app_mask, valid, out, lse)
+        ctx.num_main, ctx.scale = m, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):  # type: ignore[override]
+        q, k, v, app_mask, valid, out, lse = ctx.saved_tensors
+        m, scale = ctx.num_main, ctx.scale
+        d_out = d_out.contiguous()
+        if valid is not None:
+            # Zeroed (padding) rows are constants: no gradient flows from them.
+            d_out = d_out.clone()
+            d_out[:, :, m:].masked_fill_(~valid, 0.0)
+        dq, dk_main, dv_main = _flash_cpu_backward(
+            d_out, q, k[:, :, :m], v[:, :, :m], out, lse, 0.0, False, scale=scale)
+        dq_app, dk_app, dv_app = _flash_cpu_backward(
+            d_out[:, :, m:], q[:, :, m:], k[:, :, m:], v[:, :, m:], out[:, :, m:],
+            lse[:, :, m:].contiguous(), 0.0, False, attn_mask=app_mask, scale=scale)
+        dq[:, :, m:] += dq_app
+        return dq, torch.cat([dk_main, dk_app], 2), torch.cat([dv_main, dv_app], 2), None, None, None, None
+
+
+def _cols(x: Tensor, start: int, stop: int) -> Tensor:
+    """Columns ``[start, stop)`` of ``(G, H, L, D)``; the tensor itself when that is all of it
+    (a full-range slice would still cost a zero-filled copy in backward)."""
+    return x if start == 0 and stop == x.shape[2] else x[:, :, start:stop]
+
+
 def structured_attention(
     q: Tensor,
     k: Tensor,
@@ -456,57 +632,40 @@ def structured_attention(
     if plan.kind == "dense":
         return _dense_fallback(q, k, v, step, doc_ids, bias, scale, dropout_p, q_step, q_doc_ids)
 
-    mains: list[tuple[Group, Tensor]] = []
-    apps: list[tuple[Group, Tensor]] = []
+    outs: list[tuple[Group, Tensor]] = []
     for grp in plan.groups:
-        rows = _row_selector(grp.rows, q.device)
-        qg, kg, vg = _take_rows(q, rows), _take_rows(k, rows), _take_rows(v, rows)  # (G, H, L, D)
+        rows = _row_selector(grp.rows, B, q.device)
         s, m, a = grp.start, grp.num_main, grp.max_appended
-        if m > 0:
-            main = slice(s, s + m)
-            spec = None if bias is None else _bias_spec(bias, rows, main, main)
-            # Main queries see exactly the main tokens of their document: no mask.
-            mains.append((grp, _block_attention(qg[:, :, main], kg[:, :, main], vg[:, :, main], None, spec, scale)))
-        if a > 0:
-            # Appended queries against main + appended keys in one softmax. The slice may reach
-            # past a shorter document's end (into padding or the next document): the rule's doc
-            # check masks those keys and the assembly below drops those queries.
-            qs, ks = slice(s + m, s + m + a), slice(s, s + m + a)
-            st = _take_rows(step, rows)
-            dc = None if doc_ids is None else _take_rows(doc_ids, rows)
-            visible = dense_pseudo_mask(
-                st[:, ks], None if dc is None else dc[:, ks],
-                q_step=st[:, qs], q_doc_ids=None if dc is None else dc[:, qs])  # (G, a, m + a)
-            spec = None if bias is None else _bias_spec(bias, rows, qs, ks)
-            apps.append((grp, _block_attention(qg[:, :, qs], kg[:, :, ks], vg[:, :, ks], visible, spec, scale)))
+        e = s + m + a
+        qd, kd, vd = (_cols(_take_rows(x, rows), s, e) for x in (q, k, v))  # (G, H, m + a, D)
+        # The columns may reach past a shorter document's end (into padding or the next
+        # document): the rule's doc check masks those keys and the assembly drops those queries.
+        st = _take_rows(step, rows)[:, s:e]  # (G, m + a)
+        dc = None if doc_ids is None else _take_rows(doc_ids, rows)[:, s:e]
+        bias_main = bias_app = None
+        if bias is not None:
+            bias_main = _bias_spec(bias, rows, slice(s, s + m), slice(s, s + m)) if m > 0 else None
+            bias_app = _bias_spec(bias, rows, slice(s + m, e), slice(s, e)) if a > 0 else None
+        outs.append((grp, _group_attention(qd, kd, vd, m, st, dc, bias_main, bias_app, scale)))
 
     if plan.kind == "fast":
         # One document per row starting at column 0: whatever follows a row's document in the
-        # appended slice is padding, whose query rows _block_attention already zeroed.
-        grp = plan.groups[0]
-        parts = [out for _, out in mains] + [out for _, out in apps]
+        # appended slice is padding, whose query rows _group_attention zeroed.
+        grp, out = outs[0]
         tail = L - grp.num_main - grp.max_appended
-        if tail > 0:
-            parts.append(q.new_zeros(B, H, tail, D))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
+        return torch.cat([out, out.new_zeros(B, H, tail, D)], dim=2) if tail > 0 else out.contiguous()
 
-    # Several groups: scatter the valid query rows of every block into a zero (B*L, H, D) output.
+    # Several groups: scatter the valid query rows of every group into a zero (B*L, H, D) output.
     values: list[Tensor] = []
     index: list[Tensor] = []
     dev = q.device
-    for grp, out in mains:
+    for grp, out in outs:
         rows_t = torch.tensor(grp.rows, device=dev)
-        cols = torch.arange(grp.start, grp.start + grp.num_main, device=dev)
-        index.append((rows_t[:, None] * L + cols).flatten())
-        values.append(out.transpose(1, 2).reshape(-1, H, D))
-    for grp, out in apps:
-        rows_t = torch.tensor(grp.rows, device=dev)
-        a_max = grp.max_appended
-        j = torch.arange(a_max, device=dev)
-        keep = j < torch.tensor(grp.num_appended, device=dev)[:, None]  # (G, a_max)
-        sel = keep.flatten().nonzero().squeeze(1)  # positions in the (G * a_max) flattening
-        cols = grp.start + grp.num_main + j
-        index.append((rows_t[:, None] * L + cols).flatten()[sel])
+        n = grp.num_main + grp.max_appended
+        j = torch.arange(n, device=dev)
+        keep = j < grp.num_main + torch.tensor(grp.num_appended, device=dev)[:, None]  # (G, n)
+        sel = keep.flatten().nonzero().squeeze(1)  # positions in the (G * n) flattening
+        index.append((rows_t[:, None] * L + grp.start + j).flatten()[sel])
         values.append(out.transpose(1, 2).reshape(-1, H, D).index_select(0, sel))
     flat = q.new_zeros(B * L, H, D).index_copy(0, torch.cat(index), torch.cat(values))
     return flat.view(B, L, H, D).transpose(1, 2).contiguous()

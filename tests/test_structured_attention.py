@@ -317,6 +317,22 @@ def test_matches_sdpa_backend_with_bias() -> None:
     check_against_reference(batch, 7, True, heads=12, dim=64, backend="sdpa")
 
 
+@pytest.mark.parametrize("chunk", [1, 300, 5000])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_bias_tiles_of_every_kind(monkeypatch: pytest.MonkeyPatch, chunk: int, layout: str) -> None:
+    """The chunked bias path splits work into tiles of one row and a few heads (big rows) or of
+    several whole rows (small rows); at test sizes only the second happens by default. A tiny
+    tile budget forces one-head tiles (1), head groups within a row (300) and row blocks
+    (5000); with shared buckets (main block) and per-row buckets and masks (appended block),
+    all must give the reference's output and gradients."""
+    monkeypatch.setattr(sa, "_CHUNK_SCORES", chunk)
+    examples = [example(n, 40 + n) for n in (14, 21, 9, 17)]
+    batch = (collate_padded(examples, SPECIAL.pad) if layout == "padded"
+             else collate_packed(examples, SPECIAL.pad, 40))
+    with blocks_always():
+        check_against_reference(batch, chunk, True, heads=3, dim=8)
+
+
 def test_float64_inputs_are_exact_to_rounding() -> None:
     """In float64 the structured path equals the reference to ~1e-12: any difference beyond
     rounding would be a logic error, not precision."""
@@ -335,9 +351,10 @@ def test_float64_inputs_are_exact_to_rounding() -> None:
     torch.testing.assert_close(gg, gr, atol=1e-10, rtol=1e-10)
 
 
-def test_bfloat16_runs_within_the_rule() -> None:
-    """bf16 inputs (the chunked bias path computes in fp32 internally) stay within the error rule
-    of a bf16 reference."""
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_bfloat16_runs_within_the_rule(use_bias: bool) -> None:
+    """bf16 inputs stay within the error rule of a bf16 reference: the chunked bias path computes
+    in fp32 internally, the merged flash path merges in bf16 with fp32 log-sum-exps."""
     batch = collate_padded([example(40, 30), example(40, 31)], SPECIAL.pad)
     B, L = batch["step"].shape
     g = torch.Generator().manual_seed(9)
@@ -348,7 +365,7 @@ def test_bfloat16_runs_within_the_rule() -> None:
         tb = table.to(dt).requires_grad_()
         with blocks_always():
             outs[name] = pseudo_mask_attention(q.to(dt), k.to(dt), v.to(dt), batch["step"], batch["doc_ids"],
-                                               RelativePositionBias(tb, batch["position_ids"]),
+                                               RelativePositionBias(tb, batch["position_ids"]) if use_bias else None,
                                                "reference" if name.startswith("ref") else "torch")
     assert_flash_rule("bf16 output", outs["torch"], outs["ref16"], outs["ref64"])
 
