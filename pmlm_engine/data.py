@@ -39,7 +39,7 @@ class DataConfig:
     max_len: int = 128
     """Tokens in the main part of an example, [CLS] and [SEP]s included (the appended region comes on top)."""
     batch_size: int = 16
-    """Examples per batch (per rank)."""
+    """Examples per micro-batch and rank (the global batch is batch_size * grad_accum * world size)."""
     batching: str = "padded"
     """``padded``: one example per row; ``packed``: several examples share a row (never attending each other)."""
     row_len: int = 0

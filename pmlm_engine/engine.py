@@ -184,6 +184,7 @@ ALLOWED_EXTRA = {
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed configuration generated from ``cfg`` for ``world_size`` ranks (no overrides)."""
     micro, accum = cfg.data.batch_size, cfg.grad_accum
+    precision = cfg.resolved_precision()
     ds: dict[str, Any] = {
         "train_batch_size": micro * accum * world_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -192,10 +193,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,  # the loop logs
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
     }
-    if cfg.precision == "fp16":
+    if precision == "fp16":
         d = cfg.deepspeed
         ds["fp16"].update(loss_scale=d.loss_scale, initial_scale_power=d.initial_scale_power,
                           loss_scale_window=d.loss_scale_window, hysteresis=d.hysteresis,
@@ -265,12 +266,11 @@ def merge_deepspeed_overrides(generated: dict[str, Any], overrides: Mapping[str,
                              f"{OWNED[key]} and precision=fp16")
         if not same:
             if key == "train_batch_size":
+                micro, accum = generated["train_micro_batch_size_per_gpu"], generated["gradient_accumulation_steps"]
                 raise ValueError(
                     f"{source}: train_batch_size={value!r} != train_micro_batch_size_per_gpu * "
-                    f"gradient_accumulation_steps * world size = {generated['train_micro_batch_size_per_gpu']} * "
-                    f"{generated['gradient_accumulation_steps']} * "
-                    f"{want // (generated['train_micro_batch_size_per_gpu'] * generated['gradient_accumulation_steps'])}"
-                    f" = {want}: set data.batch_size / grad_accum instead, or remove train_batch_size")
+                    f"gradient_accumulation_steps * world size = {micro} * {accum} * {want // (micro * accum)} = "
+                    f"{want}: set data.batch_size / grad_accum instead, or remove train_batch_size")
             raise ValueError(f"{source}: {key}={value!r} contradicts the typed configuration ({OWNED[key]} gives "
                              f"{want!r}): set {OWNED[key].split(' ')[0]} instead and remove {key} from {source}")
     return _deep_merge(generated, overrides)
@@ -304,16 +304,39 @@ def check_world(cfg: TrainConfig, env: DistEnv) -> None:
     if engine == "torch":
         if env.world_size > 1:
             raise ValueError(f"engine=torch runs one process but WORLD_SIZE={env.world_size}: set engine=deepspeed")
-        if cfg.precision == "fp16":
+        if cfg.resolved_precision() == "fp16":
             raise ValueError("precision=fp16 needs engine=deepspeed (dynamic loss scaling); use bf16 with engine=torch")
         default = type(cfg.deepspeed)()
         for name in ("zero_stage", "overrides"):
             if getattr(cfg.deepspeed, name) != getattr(default, name):
                 raise ValueError(f"deepspeed.{name}={getattr(cfg.deepspeed, name)!r} needs engine=deepspeed "
                                  f"(the engine is {cfg.engine!r}, resolved to torch): set engine=deepspeed")
-    if engine == "deepspeed" and cfg.precision == "fp16" and not torch.cuda.is_available():
+    if engine == "deepspeed" and cfg.resolved_precision() == "fp16" and not torch.cuda.is_available():
         raise ValueError("precision=fp16: DeepSpeed's CPU accelerator does not train in fp16 (\"Type fp16 is not "
                          "supported on your device\"); use precision=bf16 or fp32 on the CPU")
+
+
+def check_attention(backend: str, precision: str, device: torch.device) -> None:
+    """Run the attention backend once, forward and backward, under ``precision`` (a few tokens):
+    a backend that cannot run in this precision fails here, before any training."""
+    from .attention import RelativePositionBias, pseudo_mask_attention, resolve_backend
+
+    name = resolve_backend(backend, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
+    proj = nn.Linear(16, 48).to(device)  # q, k, v come out of a projection, as in the model
+    x = torch.randn(1, 6, 16, device=device)
+    step = torch.tensor([[0, 0, 0, 0, 1, -1]], device=device)
+    table = torch.zeros(2, 32, device=device, requires_grad=True)
+    bias = RelativePositionBias(table, torch.tensor([[0, 1, 2, 3, 2, 2]], device=device))
+    try:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            q, k, v = proj(x).view(1, 6, 3, 2, 8).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D)
+            out = pseudo_mask_attention(q, k, v, step, torch.zeros_like(step), bias, backend)
+        out.float().sum().backward()
+    except Exception as exc:  # any failure of the backend in this precision; re-raised with the fix
+        raise ValueError(f"model.attention_backend={backend!r} (resolved to {name!r}) fails under "
+                         f"precision={precision} ({type(exc).__name__}: {exc}): set model.attention_backend=sdpa "
+                         f"or precision=fp32") from None
 
 
 def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -409,7 +432,7 @@ class TorchEngine:
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.grad_clip = cfg.optim.grad_clip
-        self.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        self.autocast_dtype = torch.bfloat16 if cfg.resolved_precision() == "bf16" else None
         self.world_size = 1
         self.module.train()
 
@@ -473,7 +496,7 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.device = self.ds.device
-        self._fp32_norm = self.stage == 0 and cfg.precision == "fp32"
+        self._fp32_norm = self.stage == 0 and cfg.resolved_precision() == "fp32"
         self.ds.train()
 
     def forward(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:

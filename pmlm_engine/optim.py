@@ -63,7 +63,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to ``cfg.lr`` over ``cfg.warmup_steps``, then linear decay to 0 at ``total_steps``.
 
     The factor is a pure function of the step (:func:`lr_factor`); the scheduler's state

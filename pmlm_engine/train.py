@@ -43,8 +43,8 @@ import torch
 from pmlm_engine.checkpoint import CheckpointManager, load_model, save_state
 from pmlm_engine.config import ModelConfig
 from pmlm_engine.data import PretrainData
-from pmlm_engine.engine import (DistEnv, all_reduce_sum, barrier, build_deepspeed_config, build_engine, check_world,
-                                dist_env, init_distributed, shutdown, target_counts)
+from pmlm_engine.engine import (DistEnv, all_reduce_sum, barrier, build_deepspeed_config, build_engine,
+                                check_attention, check_world, dist_env, init_distributed, shutdown, target_counts)
 from pmlm_engine.model import PMLMModel
 from pmlm_engine.rng import derive_seed
 from pmlm_engine.train_config import SHAPE_FIELDS, TrainConfig, load_config, to_dict
@@ -118,9 +118,10 @@ class Prepared:
     data: Optional[PretrainData] = None
 
 
-def trajectory(cfg_dict: dict[str, Any], world_size: int, engine: str) -> dict[str, Any]:
+def trajectory(cfg_dict: dict[str, Any], world_size: int, engine: str, precision: str) -> dict[str, Any]:
     """The configuration fields that decide the loss curve (a resumed run must match them)."""
     d = json.loads(json.dumps(cfg_dict))
+    d["precision"] = precision  # resolved: "auto" may mean different things on different machines
     for key in ("checkpoint", "logging", "out", "init_from", "global_batch_size", "engine"):
         d.pop(key, None)
     d.get("data", {}).pop("cache_dir", None)
@@ -151,8 +152,8 @@ def _choose_resume(cfg: TrainConfig, manager: CheckpointManager, env: DistEnv, e
     if folder is None:
         return None
     state = CheckpointManager.read_state(folder)
-    saved = trajectory(state["config"], state["world_size"], state["engine"])
-    now = trajectory(to_dict(cfg), env.world_size, engine)
+    saved = trajectory(state["config"], state["world_size"], state["engine"], state["precision"])
+    now = trajectory(to_dict(cfg), env.world_size, engine, cfg.resolved_precision())
     saved["tokenizer vocabulary (sha256)"] = state.get("tokenizer_sha256")
     now["tokenizer vocabulary (sha256)"] = tokenizer_sha
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
@@ -181,6 +182,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise type(exc)(f"data.tokenizer={cfg.data.tokenizer!r}: {exc}") from None
     model_cfg = cfg.model.build(tokenizer.vocab_size, tokenizer_path)
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    check_attention(model_cfg.attention_backend, cfg.resolved_precision(), device)
     if cfg.data.max_len > model_cfg.max_position:  # appended tokens reuse main positions
         raise ValueError(f"data.max_len={cfg.data.max_len} exceeds the model's max_position={model_cfg.max_position}: "
                          f"lower data.max_len or raise model.max_position")
@@ -334,8 +337,8 @@ def plot_losses(metrics_file: Path, png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("loss", "ae_loss", "par_loss"):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    for key, style in (("loss", "-"), ("ae_loss", "--"), ("par_loss", ":")):  # AE and PAR often overlap
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=key, linewidth=1.8)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title("PMLM pre-training")
@@ -351,6 +354,8 @@ def plot_losses(metrics_file: Path, png: Path) -> None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a pre-training job; return a summary (first/last loss, steps, where things are)."""
     t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     p = prepare(cfg)
     env, data = p.env, p.data
     out = Path(cfg.out)
@@ -359,7 +364,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log.info("%d sequences of <= %d tokens; global batch %d (%d per rank x %d micro-steps x %d ranks); engine %s, "
              "precision %s%s", len(data.sequences), cfg.data.max_len, data.global_batch_size, cfg.data.batch_size,
-             cfg.grad_accum, env.world_size, p.engine, cfg.precision,
+             cfg.grad_accum, env.world_size, p.engine, cfg.resolved_precision(),
              f", ZeRO stage {cfg.deepspeed.zero_stage}" if p.engine == "deepspeed" else "")
 
     torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
@@ -481,7 +486,8 @@ class _Window:
 
 def _save(engine: Any, p: Prepared, step: int, tokens: int) -> Path:
     state = {"step": step, "tokens": tokens, "config": to_dict(p.cfg), "world_size": p.env.world_size,
-             "engine": p.engine, "tokenizer_sha256": p.tokenizer_sha, "format": 1, "time": time.time()}
+             "engine": p.engine, "precision": p.cfg.resolved_precision(), "tokenizer_sha256": p.tokenizer_sha,
+             "format": 1, "time": time.time()}
     return p.checkpoints.save(step, engine.save, state)
 
 
@@ -508,7 +514,7 @@ SHORTCUTS = {  # flag dest -> dotted config key
     "warmup": "optim.warmup_steps", "precision": "precision", "engine": "engine", "zero_stage": "deepspeed.zero_stage",
     "ds_config": "deepspeed.overrides", "init_from": "init_from", "out": "out", "seed": "data.seed",
     "resume": "checkpoint.resume", "max_docs": "data.max_docs", "attention_backend": "model.attention_backend",
-    "log_every": "logging.every", "save_every": "checkpoint.every",
+    "log_every": "logging.every", "save_every": "checkpoint.every", "threads": "threads",
 }
 
 
@@ -530,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, help="data.max_len (main-part tokens per example)")
     g.add_argument("--lr", type=float, help="optim.lr (peak learning rate)")
     g.add_argument("--warmup", type=int, help="optim.warmup_steps")
-    g.add_argument("--precision", "--dtype", dest="precision", choices=["fp32", "bf16", "fp16"], help="precision")
+    g.add_argument("--precision", "--dtype", dest="precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="precision (auto: bf16 where the hardware has native bf16, else fp32)")
     g.add_argument("--engine", choices=["auto", "torch", "deepspeed"], help="engine")
     g.add_argument("--no-deepspeed", dest="engine", action="store_const", const="torch", help="engine=torch")
     g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="deepspeed.zero_stage")
@@ -543,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", help="model.attention_backend: auto | reference | sdpa | torch | triton")
     g.add_argument("--log-every", type=int, help="logging.every")
     g.add_argument("--save-every", type=int, help="checkpoint.every")
+    g.add_argument("--threads", type=int, help="threads (torch intra-op threads; 0 = one per core)")
     # the DeepSpeed launcher passes --local_rank; the rank is read from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p

@@ -33,7 +33,7 @@ from .data import DataConfig
 from .optim import OptimConfig
 
 ENGINES = ("auto", "torch", "deepspeed")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # ModelConfig fields that decide parameter shapes (a warm start or resume must agree on them)
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position",
                 "type_vocab_size", "rel_pos_buckets")
@@ -171,7 +171,7 @@ class DeepSpeedSection:
 
 
 def _default_optim() -> OptimConfig:
-    return OptimConfig(lr=1e-3, warmup_steps=30)
+    return OptimConfig(lr=1e-3, warmup_steps=20)
 
 
 @dataclass
@@ -181,10 +181,11 @@ class TrainConfig:
     engine: str = "auto"
     """``torch`` (one process), ``deepspeed``, or ``auto``: deepspeed under a distributed launcher
     (``WORLD_SIZE`` set), torch otherwise."""
-    precision: str = "fp32"
+    precision: str = "auto"
     """``fp32``; ``bf16`` (fp32 master weights; torch engine: autocast, deepspeed: its bf16 mode);
-    ``fp16`` (deepspeed on a GPU, with loss scaling: see the ``deepspeed`` section)."""
-    steps: int = 300
+    ``fp16`` (deepspeed on a GPU, with loss scaling: see the ``deepspeed`` section); ``auto``: bf16
+    where the hardware computes it natively (a GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
+    steps: int = 200
     """Optimizer steps."""
     grad_accum: int = 1
     """Micro-batches per optimizer step and rank (gradient accumulation)."""
@@ -193,6 +194,9 @@ class TrainConfig:
     it must equal that product (checked at start, when the world size is known)."""
     out: str = "runs/pretrain"
     """Output folder: metrics.jsonl, tb/, loss.png, checkpoints/, final/, train_config.json."""
+    threads: int = 0
+    """torch intra-op threads of each process (0 = torch's default, one per core). On a machine shared
+    with other jobs, 1 avoids the slowdown of oversubscribed threads."""
     init_from: str = ""
     """Warm start: ``minilm`` (the real MiniLM-L6 checkpoint), a model folder or a HF BERT checkpoint.
     The MLM head is initialized fresh, an added relative bias table at zero."""
@@ -221,6 +225,8 @@ class TrainConfig:
         if self.optim.warmup_steps > self.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}: "
                              "lower the warmup or raise steps")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} is invalid: 0 (torch's default) or a positive count")
         if not self.out:
             raise ValueError("out='' is invalid: name an output folder")
 
@@ -228,11 +234,31 @@ class TrainConfig:
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.out) / "checkpoints"
 
+    def resolved_precision(self) -> str:
+        """``fp32`` / ``bf16`` / ``fp16`` for this machine (``auto`` resolved by capability)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if native_bf16() else "fp32"
+
     def resolved_engine(self, world_size: int) -> str:
         """``torch`` or ``deepspeed`` for this launch (``auto`` resolved by the world size)."""
         if self.engine != "auto":
             return self.engine
         return "deepspeed" if "WORLD_SIZE" in os.environ else "torch"
+
+
+def native_bf16() -> bool:
+    """True where bf16 matmuls are native: a CUDA GPU that supports bf16, or a CPU with AVX512-BF16 / AMX-BF16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --------------------------------------------------------------------------- building from JSON

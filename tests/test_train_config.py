@@ -75,6 +75,16 @@ def test_batch_sizes_must_fit_the_world_size():
         check_world(cfg, DistEnv(0, 2, 0))
 
 
+def test_precision_auto_is_resolved_by_capability(monkeypatch):
+    """precision=auto is bf16 exactly where the hardware has native bf16; explicit values are kept."""
+    from pmlm_engine import train_config
+
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(train_config, "native_bf16", lambda native=native: native)
+        assert load_config(None, []).resolved_precision() == want
+        assert load_config(None, ["precision=fp32"]).resolved_precision() == "fp32"
+
+
 def test_engine_and_precision_combinations():
     """torch runs one process and no fp16; DeepSpeed-only fields need engine=deepspeed; no fp16 on the CPU."""
     with pytest.raises(ValueError, match="engine=torch runs one process but WORLD_SIZE=2"):
@@ -116,7 +126,7 @@ def test_generated_deepspeed_config_is_the_typed_config():
     ({"zero_optimisation": {"stage": 1}}, r"unknown DeepSpeed key 'zero_optimisation'"),
 ])
 def test_contradicting_deepspeed_overrides_are_refused(overrides, match):
-    cfg = load_config(None, ["engine=deepspeed", "data.batch_size=4", "deepspeed.zero_stage=1"])
+    cfg = load_config(None, ["engine=deepspeed", "data.batch_size=4", "deepspeed.zero_stage=1", "precision=fp32"])
     with pytest.raises(ValueError, match=match):
         merge_deepspeed_overrides(deepspeed_config(cfg, 2), overrides, "ds.json")
 
@@ -153,3 +163,23 @@ def test_cli_prints_errors_and_the_resolved_config(capsys, tmp_path):
     shown = json.loads(capsys.readouterr().out)
     assert shown["train_config"]["steps"] == 40 and "deepspeed_config" not in shown
     assert isinstance(TrainConfig(), TrainConfig)
+
+
+def test_attention_backend_is_tried_in_the_training_precision():
+    """A backend that cannot run under the chosen precision is refused before training, with the fix."""
+    import torch
+
+    from pmlm_engine.attention import _dense_backend, _reference, register_backend
+    from pmlm_engine.engine import check_attention
+
+    def fp32_only(q, k, v, *args):
+        if q.dtype != torch.float32:
+            raise RuntimeError("expected scalar type Float")
+        return _dense_backend(_reference)(q, k, v, *args)
+
+    register_backend("fp32-only-test", fp32_only)
+    check_attention("fp32-only-test", "fp32", torch.device("cpu"))
+    check_attention("sdpa", "bf16", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"model.attention_backend='fp32-only-test' .* fails under precision=bf16 "
+                                         r".*set model.attention_backend=sdpa or precision=fp32"):
+        check_attention("fp32-only-test", "bf16", torch.device("cpu"))

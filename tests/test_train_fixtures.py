@@ -58,6 +58,8 @@ def tiny_config(tmp: Path, corpus: Sequence[str | Path], vocab: Path, **top: Any
     """A JSON job config for a 2-layer, hidden-32 model on ``corpus``; ``top`` replaces top-level keys."""
     cfg: dict[str, Any] = {
         "engine": "torch",
+        "precision": "fp32",
+        "threads": 1,
         "steps": 6,
         "out": str(tmp / "run"),
         "model": {"preset": "tiny", "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
