@@ -243,10 +243,18 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             for epoch, i in picks:
                 examples += build_examples(enc, special, cfg.target_mask_prob, cfg.seed, epoch, [i])
             batch = collate_padded(examples, special.pad)
-            with autocast:
-                res = seq2seq_loss(model, batch, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
+            try:
+                with autocast:
+                    res = seq2seq_loss(model, batch, cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                res.loss.backward()
+            except RuntimeError as exc:
+                if step > 0:
+                    raise
+                raise RuntimeError(
+                    f"the first training step failed with attention backend {cfg.attention_backend!r} under "
+                    f"{cfg.dtype} ({exc}); another backend may support this layout and precision: try "
+                    "--attention-backend sdpa (or --dtype fp32)") from exc
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip or math.inf)
             opt.step()
             sched.step()
@@ -328,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_args(argv)
         summary = finetune(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))

@@ -79,7 +79,10 @@ def _check_text(value: Any, name: str, where: str) -> Text:
 
 
 def read_jsonl_pairs(path: str | os.PathLike, require_tgt: bool = True) -> list[PairRecord]:
-    """Pairs of a JSONL file (see the module docstring for the format and the errors)."""
+    """Pairs of a JSONL file (see the module docstring for the format and the errors).
+
+    ``require_tgt=False`` (decoding inputs): ``"tgt"`` is not needed and, if present, not read.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} does not exist")
@@ -115,7 +118,7 @@ def read_jsonl_pairs(path: str | os.PathLike, require_tgt: bool = True) -> list[
             if rid in seen:
                 raise ValueError(f"{where}: id {rid!r} repeats line {seen[rid]}; ids must be unique")
             seen[rid] = lineno
-            tgt = _check_text(rec["tgt"], "tgt", where) if rec.get("tgt") is not None or require_tgt else None
+            tgt = _check_text(rec["tgt"], "tgt", where) if require_tgt else None  # decoding ignores targets
             records.append(PairRecord(rid, _check_text(rec["src"], "src", where), tgt, where))
     if not records:
         raise ValueError(f"{path} holds no records; expected one JSON object per line")

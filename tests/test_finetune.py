@@ -88,6 +88,38 @@ def test_seq2seq_loss_equals_per_position_forwards(target_mask_prob: float):
     torch.testing.assert_close(out.loss, naive.mean(), rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", pytest.param("torch", marks=pytest.mark.xfail(
+    strict=True, raises=RuntimeError,
+    reason="known bug, reported: structured_attention.py backward (.view on a non-contiguous dv slice) fails on "
+           "seq2seq layouts with the relative bias; strict, so the fix shows up as XPASS"))])
+def test_seq2seq_gradients_agree_across_attention_backends(backend: str):
+    """Fine-tuning's loss and gradients on a padded seq2seq batch (relative bias on) through each CPU attention
+    backend equal the reference backend's (float64, 1e-9)."""
+    from pmlm_engine.attention import available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"attention backend {backend!r} is not available here")
+    rng = np.random.default_rng(1)
+    enc = EncodedPairs(["a", "b"], [rng.integers(5, 61, 17).tolist(), rng.integers(5, 61, 6).tolist()],
+                       [rng.integers(5, 61, 4).tolist() + [SPECIAL.sep], rng.integers(5, 61, 9).tolist() + [SPECIAL.sep]])
+    batch = collate_padded(build_examples(enc, SPECIAL, 0.3, seed=0, epoch=0, indices=[0, 1]), SPECIAL.pad)
+    results = []
+    for name in ("reference", backend):
+        model = tiny_model(torch.float64, backend=name).train()
+        model.config.hidden_dropout = 0.0
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        loss = seq2seq_loss(model, batch, label_smoothing=0.1).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-12)
+    assert grads.keys() == ref_grads.keys() and "rel_pos_bias.weight" in grads
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -178,7 +210,8 @@ def test_finetune_run_writes_a_model_that_decode_loads(tmp_path: Path, tokenizer
     data.write_text("".join(json.dumps({"src": f"story number {i} about the city council " * 3,
                                         "tgt": f"council story {i}"}) + "\n" for i in range(6)))
     summary = finetune(FinetuneConfig(init=str(init), data=str(data), out=str(tmp_path / "ft"), max_src_len=40,
-                                      max_tgt_len=30, steps=4, batch_size=3, warmup_steps=1, log_every=2, lr=1e-3))
+                                      max_tgt_len=30, steps=4, batch_size=3, warmup_steps=1, log_every=2, lr=1e-3,
+                                      attention_backend="sdpa"))  # backends are compared in the test above
     rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
     model = load_model(summary["model"])
