@@ -111,9 +111,9 @@ class Group:
 class Plan:
     """How :func:`structured_attention` will compute a batch.
 
-    ``kind`` is ``"fast"`` (one group at column 0 over all rows: slices and one cat),
-    ``"blocks"`` (several groups, outputs put in place by index) or ``"dense"`` (the dense mask;
-    ``reason`` says why).
+    ``kind`` is ``"fast"`` (one group at column 0 over all rows: q, k, v go in as they are),
+    ``"blocks"`` (several groups, outputs put in place by index) or ``"dense"`` (the rule over
+    all pairs; ``reason`` says why).
     """
 
     kind: str
@@ -333,9 +333,11 @@ class _BiasedAttention(torch.autograd.Function):
         # delta_i = sum_j P_ij dP_ij = dO_i . O_i: the softmax backward's row term, negated so
         # that one baddbmm gives dP - delta.
         neg_delta = -(do * out).sum(-1, keepdim=True)  # (G, H, Lq, 1)
-        dq = torch.empty_like(qc) if need_q else None
-        dk = torch.empty_like(kc) if need_k else None
-        dv = torch.empty_like(vc) if need_v else None
+        # Contiguous whatever the inputs' strides (the model passes transposed (B, L, H, D)
+        # views): every tile of a contiguous (G, H, L, D) tensor is a view, written in place.
+        dq = torch.empty(q.shape, dtype=cdt, device=q.device) if need_q else None
+        dk = torch.empty(k.shape, dtype=cdt, device=k.device) if need_k else None
+        dv = torch.empty(v.shape, dtype=cdt, device=v.device) if need_v else None
         nb = table.shape[1]
         # Table gradient accumulated in _SPREAD sub-bins per bucket, selected by column: the
         # buckets come in long runs of one value (every distance >= 128 is one bucket), and
@@ -635,6 +637,9 @@ def structured_attention(
         ``(B, H, Lq, D)`` contiguous, equal (up to rounding) to the dense reference.
     """
     B, H, L, D = q.shape
+    if bias is not None and bias.table.shape[0] != H:
+        raise ValueError(f"position_bias.table has {bias.table.shape[0]} heads but q has {H}: the table "
+                         f"must be (num_heads, num_buckets) = ({H}, {bias.table.shape[-1]})")
     plan = plan_batch(step, doc_ids, q_step=q_step, q_doc_ids=q_doc_ids, dropout_p=dropout_p, num_heads=H)
     if plan.kind == "dense":
         return _dense_fallback(q, k, v, step, doc_ids, bias, scale, dropout_p, q_step, q_doc_ids)

@@ -107,11 +107,18 @@ def check_against_reference(
     dim: int = 16,
     use_doc_ids: bool = True,
     backend: str = "torch",
+    transposed: bool = False,
 ) -> None:
-    """Fresh random q, k, v, table, dO; compare output and all gradients under the error rule."""
+    """Fresh random q, k, v, table, dO; compare output and all gradients under the error rule.
+
+    ``transposed``: q, k, v are ``(B, L, H, D)`` tensors seen as ``(B, H, L, D)`` (what the
+    model passes after splitting heads), not contiguous ones."""
     B, L = batch["step"].shape
     g = torch.Generator().manual_seed(seed)
-    leaves = [torch.randn(B, heads, L, dim, generator=g, dtype=torch.float64) for _ in range(3)]
+    if transposed:
+        leaves = [torch.randn(B, L, heads, dim, generator=g, dtype=torch.float64).transpose(1, 2) for _ in range(3)]
+    else:
+        leaves = [torch.randn(B, heads, L, dim, generator=g, dtype=torch.float64) for _ in range(3)]
     leaves.append(torch.randn(heads, 32, generator=g, dtype=torch.float64))
     grad_out = torch.randn(B, heads, L, dim, generator=g, dtype=torch.float64)
     args = (leaves, batch, use_bias, grad_out, use_doc_ids)
@@ -131,24 +138,26 @@ seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
 
 @SETTINGS
-@given(lengths=lengths, ratio=ratios, seed=seeds, use_bias=st.booleans(), multiple=st.sampled_from([1, 8]))
+@given(lengths=lengths, ratio=ratios, seed=seeds, use_bias=st.booleans(), multiple=st.sampled_from([1, 8]),
+       transposed=st.booleans())
 def test_padded_batches_match_reference(lengths: list[int], ratio: float, seed: int, use_bias: bool,
-                                        multiple: int) -> None:
+                                        multiple: int, transposed: bool) -> None:
     """One example per row, right-padded (different main and appended lengths per row, odd
-    lengths, extra padding to a multiple of 8): output and gradients of q, k, v and the bias
-    table match the float64 reference, and the structured path (not the fallback) ran."""
+    lengths, extra padding to a multiple of 8), q, k, v contiguous or transposed views: output
+    and gradients of q, k, v and the bias table match the float64 reference, and the structured
+    path (not the fallback) ran."""
     batch = collate_padded([example(n, seed + i, ratio) for i, n in enumerate(lengths)], SPECIAL.pad, multiple)
     with blocks_always():
         plan = sa.plan_batch(batch["step"], batch["doc_ids"])
         assert plan.kind in ("fast", "blocks")
-        check_against_reference(batch, seed, use_bias)
+        check_against_reference(batch, seed, use_bias, transposed=transposed)
 
 
 @SETTINGS
 @given(lengths=st.lists(st.integers(min_value=3, max_value=30), min_size=2, max_size=7), ratio=ratios,
-       seed=seeds, use_bias=st.booleans(), slack=st.integers(min_value=0, max_value=20))
+       seed=seeds, use_bias=st.booleans(), slack=st.integers(min_value=0, max_value=20), transposed=st.booleans())
 def test_packed_batches_match_reference(lengths: list[int], ratio: float, seed: int, use_bias: bool,
-                                        slack: int) -> None:
+                                        slack: int, transposed: bool) -> None:
     """Several documents per row (``collate_packed``): no query sees another document, the
     appended slice of a short document that reaches into the next one is masked and dropped,
     and padding rows are zero; checked against the float64 reference with gradients."""
@@ -157,20 +166,22 @@ def test_packed_batches_match_reference(lengths: list[int], ratio: float, seed: 
     batch = collate_packed(examples, SPECIAL.pad, row_len)
     with blocks_always():
         assert sa.plan_batch(batch["step"], batch["doc_ids"]).kind in ("fast", "blocks")
-        check_against_reference(batch, seed, use_bias)
+        check_against_reference(batch, seed, use_bias, transposed=transposed)
 
 
 @SETTINGS
 @given(main=st.integers(min_value=4, max_value=48), rows=st.integers(min_value=1, max_value=4), ratio=ratios,
-       seed=seeds, use_bias=st.booleans())
-def test_fixed_main_length_takes_the_fast_path(main: int, rows: int, ratio: float, seed: int, use_bias: bool) -> None:
+       seed=seeds, use_bias=st.booleans(), transposed=st.booleans())
+def test_fixed_main_length_takes_the_fast_path(main: int, rows: int, ratio: float, seed: int, use_bias: bool,
+                                               transposed: bool) -> None:
     """Rows with the same main length but different appended lengths (pre-training with full
     blocks) use the no-gather fast path, whose padding queries inside the appended slice must
-    come out zero; the result matches the float64 reference."""
+    come out zero; the result matches the float64 reference (q, k, v contiguous or transposed
+    views: the bias path then tiles several rows at once)."""
     batch = collate_padded([example(main, seed + i, ratio) for i in range(rows)], SPECIAL.pad)
     with blocks_always():
         assert sa.plan_batch(batch["step"], batch["doc_ids"]).kind == "fast"
-        check_against_reference(batch, seed, use_bias)
+        check_against_reference(batch, seed, use_bias, transposed=transposed)
 
 
 @SETTINGS
@@ -313,8 +324,8 @@ def test_matches_sdpa_backend_with_bias() -> None:
     within the error rule of each against the float64 reference, output and gradients."""
     batch = collate_padded([example(60, 10), example(60, 11), example(47, 12)], SPECIAL.pad)
     with blocks_always():
-        check_against_reference(batch, 7, True, heads=12, dim=64, backend="torch")
-    check_against_reference(batch, 7, True, heads=12, dim=64, backend="sdpa")
+        check_against_reference(batch, 7, True, heads=12, dim=64, backend="torch", transposed=True)
+    check_against_reference(batch, 7, True, heads=12, dim=64, backend="sdpa", transposed=True)
 
 
 @pytest.mark.parametrize("chunk", [1, 300, 5000])
@@ -331,6 +342,7 @@ def test_bias_tiles_of_every_kind(monkeypatch: pytest.MonkeyPatch, chunk: int, l
              else collate_packed(examples, SPECIAL.pad, 40))
     with blocks_always():
         check_against_reference(batch, chunk, True, heads=3, dim=8)
+        check_against_reference(batch, chunk + 1, True, heads=3, dim=8, transposed=True)
 
 
 def test_float64_inputs_are_exact_to_rounding() -> None:
@@ -375,3 +387,13 @@ def test_backend_is_registered_and_auto_picks_it_on_cpu() -> None:
     assert "torch" in available_backends()
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert math.isclose(sa.CALL_OVERHEAD_SCORES, 50_000)
+
+
+def test_bias_with_wrong_head_count_is_a_value_error() -> None:
+    """A bias table whose head count differs from q's is refused with a ValueError naming both."""
+    batch = collate_padded([example(10, 1)], SPECIAL.pad)
+    L = batch["step"].shape[1]
+    q = torch.randn(1, 2, L, 8)
+    with pytest.raises(ValueError, match="3 heads but q has 2"):
+        pseudo_mask_attention(q, q, q, batch["step"], batch["doc_ids"],
+                              RelativePositionBias(torch.randn(3, 32), batch["position_ids"]), "torch")
