@@ -255,7 +255,12 @@ def run_step_suite(quick: bool) -> list[dict[str, Any]]:
     warmup, repeats = (1, 3) if quick else (2, 5)
     rows: list[dict[str, Any]] = []
     for case in cases(quick):
-        rows.extend(measure_case(case, warmup, repeats))
+        try:
+            rows.extend(measure_case(case, warmup, repeats))
+        except Exception as exc:  # noqa: BLE001 - one broken configuration is reported, the others still run
+            rows.append({"preset": case.preset, "dtype": case.dtype, "attention": case.attention, "ranks": 1,
+                         "variant": f"FAILED: {type(exc).__name__}: {str(exc)[:120]}", "batch": case.batch,
+                         "max_len": case.max_len})
     if not quick:
         for dtype in ("fp32", "bf16"):
             rows.append(measure_two_ranks(StepCase("tiny", dtype, 16, 128), warmup, repeats))
@@ -283,8 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_step_suite(args.quick)
     print(markdown_table(rows, COLUMNS))
     one = [r for r in rows if r["ranks"] == 1 and r["variant"] == "pmlm"]
+    for r in rows:
+        if str(r["variant"]).startswith("FAILED"):
+            print(f"- {r['preset']} {r['dtype']} {r['attention']}: {r['variant']}")
     for r in one:
-        print(f"- {r['preset']} {r['dtype']}: PMLM step = {r['vs_mlm']:.2f}x the MLM-only step (target <= 1.4); "
+        print(f"- {r['preset']} {r['dtype']} {r['attention']}: PMLM step = {r['vs_mlm']:.2f}x the MLM-only step (target <= 1.4); "
               f"naive multi-pass is {r['naive_over_this']:.2f}x slower (target >= 2)")
     if args.jsonl:
         with open(args.jsonl, "w") as f:

@@ -122,9 +122,10 @@ def trajectory(cfg_dict: dict[str, Any], world_size: int, engine: str, precision
     """The configuration fields that decide the loss curve (a resumed run must match them)."""
     d = json.loads(json.dumps(cfg_dict))
     d["precision"] = precision  # resolved: "auto" may mean different things on different machines
-    for key in ("checkpoint", "logging", "out", "init_from", "global_batch_size", "engine"):
+    for key in ("checkpoint", "logging", "out", "init_from", "global_batch_size", "engine", "threads"):
         d.pop(key, None)
     d.get("data", {}).pop("cache_dir", None)
+    d.get("data", {}).pop("tokenizer", None)  # its content is compared (sha256), not its path
     d.get("deepspeed", {}).pop("overrides", None)
     d["world_size"], d["engine"] = world_size, engine
     return _flat(d)
@@ -405,9 +406,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             all_reduce_sum(counts)
             n_ae, n_par = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
             sums = torch.zeros(4, dtype=torch.float64)  # ae sum, par sum, main tokens, stop requests
+            w_ae, w_par = cfg.ae_weight, cfg.par_weight
             for b in batches:
                 ae_sum, par_sum = engine.forward(b)
-                engine.backward(ae_sum / n_ae + par_sum / n_par)
+                engine.backward(w_ae * ae_sum / n_ae + w_par * par_sum / n_par)
                 sums[0] += float(ae_sum.detach())
                 sums[1] += float(par_sum.detach())
                 sums[2] += float(((b["step"] == 0) & (b["doc_ids"] >= 0)).sum())
@@ -415,7 +417,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             sums[3] = 1.0 if stop.requested else 0.0
             all_reduce_sum(sums)
             ae_loss, par_loss = float(sums[0]) / n_ae, float(sums[1]) / n_par
-            loss = ae_loss + par_loss
+            loss = w_ae * ae_loss + w_par * par_loss
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step + 1}: lower optim.lr, or use "
                                          f"precision=fp32")
@@ -436,7 +438,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < cfg.steps
             if periodic or stopping or (done == cfg.steps and cfg.checkpoint.at_end):
                 _save(engine, p, done, tokens_seen)
-            if stopping:
+            if stopping and done < cfg.steps:
                 summary["stopped_by"] = stop.signal or "a signal on another rank"
                 break
     bar.close()

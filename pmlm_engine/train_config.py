@@ -122,7 +122,8 @@ class LoggingConfig:
     """Where progress and metrics go (rank 0 only)."""
 
     every: int = 10
-    """Steps per metrics row (JSONL and TensorBoard): means over the window."""
+    """Steps per metrics row (JSONL and TensorBoard): losses, tokens/s and step time are means over
+    the window; lr and grad_norm are its last step's."""
     progress: bool = True
     """tqdm progress bar with loss and tokens/s."""
     tensorboard: bool = True
@@ -194,6 +195,10 @@ class TrainConfig:
     it must equal that product (checked at start, when the world size is known)."""
     out: str = "runs/pretrain"
     """Output folder: metrics.jsonl, tb/, loss.png, checkpoints/, final/, train_config.json."""
+    ae_weight: float = 1.0
+    """Weight of the AE loss in the objective (PMLM.md section 4: 1)."""
+    par_weight: float = 1.0
+    """Weight of the PAR loss in the objective (PMLM.md section 4: 1)."""
     threads: int = 0
     """torch intra-op threads of each process (0 = torch's default, one per core). On a machine shared
     with other jobs, 1 avoids the slowdown of oversubscribed threads."""
@@ -225,6 +230,9 @@ class TrainConfig:
         if self.optim.warmup_steps > self.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}: "
                              "lower the warmup or raise steps")
+        if self.ae_weight < 0 or self.par_weight < 0 or self.ae_weight + self.par_weight == 0:
+            raise ValueError(f"ae_weight={self.ae_weight}, par_weight={self.par_weight} are invalid: expected "
+                             f"non-negative weights, not both 0")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} is invalid: 0 (torch's default) or a positive count")
         if not self.out:

@@ -49,6 +49,8 @@ def test_json_file_then_shortcuts_then_set(tmp_path):
     (["steps=10", "optim.warmup_steps=20"], r"optim.warmup_steps=20 exceeds steps=10"),
     (["global_batch_size=10", "data.batch_size=4"], r"global_batch_size=10 is not a multiple of data.batch_size"),
     (["optim"], r"expected KEY=VALUE"),
+    (["ae_weight=0", "par_weight=0"], r"ae_weight=0.0, par_weight=0.0 are invalid"),
+    (["threads=-1"], r"threads=-1 is invalid"),
 ])
 def test_bad_values_and_unknown_keys_are_named(overrides, match):
     """Every refusal names the dotted key."""
