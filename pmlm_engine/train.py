@@ -512,7 +512,7 @@ def export(engine: Any, p: Prepared, path: Path) -> Path:
 
 SHORTCUTS = {  # flag dest -> dotted config key
     "preset": "model.preset", "corpus": "data.corpus", "tokenizer": "data.tokenizer", "steps": "steps",
-    "batch_size": "data.batch_size", "grad_accum": "grad_accum", "max_len": "data.max_len", "lr": "optim.lr",
+    "batch_size": "data.batch_size", "batching": "data.batching", "grad_accum": "grad_accum", "max_len": "data.max_len", "lr": "optim.lr",
     "warmup": "optim.warmup_steps", "precision": "precision", "engine": "engine", "zero_stage": "deepspeed.zero_stage",
     "ds_config": "deepspeed.overrides", "init_from": "init_from", "out": "out", "seed": "data.seed",
     "resume": "checkpoint.resume", "max_docs": "data.max_docs", "attention_backend": "model.attention_backend",
@@ -534,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="data.tokenizer: bert-base-uncased, a vocab.txt or a sentencepiece .model")
     g.add_argument("--steps", type=int, help="steps (optimizer steps)")
     g.add_argument("--batch-size", type=int, help="data.batch_size (examples per rank and micro-step)")
+    g.add_argument("--batching", choices=["padded", "packed"], help="data.batching")
     g.add_argument("--grad-accum", type=int, help="grad_accum (micro-steps per optimizer step)")
     g.add_argument("--max-len", type=int, help="data.max_len (main-part tokens per example)")
     g.add_argument("--lr", type=float, help="optim.lr (peak learning rate)")
