@@ -88,10 +88,7 @@ def test_seq2seq_loss_equals_per_position_forwards(target_mask_prob: float):
     torch.testing.assert_close(out.loss, naive.mean(), rtol=1e-10, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", pytest.param("torch", marks=pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="known bug, reported: structured_attention.py backward (.view on a non-contiguous dv slice) fails on "
-           "seq2seq layouts with the relative bias; strict, so the fix shows up as XPASS"))])
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
 def test_seq2seq_gradients_agree_across_attention_backends(backend: str):
     """Fine-tuning's loss and gradients on a padded seq2seq batch (relative bias on) through each CPU attention
     backend equal the reference backend's (float64, 1e-9)."""
