@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pmlm_engine.attention import RelativePositionBias, bucket_lut, dense_pseudo_mask, pseudo_mask_attention
@@ -284,7 +283,7 @@ def run_attention_suite(quick: bool, *, threads: Optional[int] = None) -> list[d
         warmup, repeats = 2, 5
     else:
         shapes = [Shape(m, r, b) for b in (False, True) for r in (0.15, 0.3) for m in (128, 256, 512)]
-        warmup, repeats = 2, 7
+        warmup, repeats = 1, 5
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

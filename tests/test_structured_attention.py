@@ -345,6 +345,19 @@ def test_bias_tiles_of_every_kind(monkeypatch: pytest.MonkeyPatch, chunk: int, l
         check_against_reference(batch, chunk + 1, True, heads=3, dim=8, transposed=True)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_two_block_path_without_the_merge(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Where SDPA's CPU flash op with log-sum-exp is missing (other devices, other torch
+    versions), the no-bias path runs two SDPA blocks instead of the merge; same results."""
+    monkeypatch.setattr(sa, "_merge_supported", lambda q: False)
+    examples = [example(n, 60 + n, 0.3) for n in (14, 21, 9, 17)]
+    batch = (collate_padded(examples, SPECIAL.pad) if layout == "padded"
+             else collate_packed(examples, SPECIAL.pad, 40))
+    with blocks_always():
+        check_against_reference(batch, 11, False)
+        check_against_reference(batch, 12, False, transposed=True)
+
+
 def test_float64_inputs_are_exact_to_rounding() -> None:
     """In float64 the structured path equals the reference to ~1e-12: any difference beyond
     rounding would be a logic error, not precision."""
