@@ -48,8 +48,9 @@ through every path (plain torch ops and two ``autograd.Function``s with explicit
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -279,6 +280,17 @@ def _block_attention(
     return out
 
 
+def _autocast_off(backward: Callable) -> Callable:
+    """Run a custom backward with autocast disabled: it manages its own dtypes (see forward)."""
+
+    @functools.wraps(backward)
+    def run(ctx, d_out: Tensor):
+        with torch.autocast(d_out.device.type, enabled=False):
+            return backward(ctx, d_out)
+
+    return run
+
+
 class _BiasedAttention(torch.autograd.Function):
     """Attention with a bucketed relative bias whose table gets a gradient.
 
@@ -322,6 +334,7 @@ class _BiasedAttention(torch.autograd.Function):
         return result
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, d_out: Tensor):  # type: ignore[override]
         q, k, v, table, buckets, visible, out = ctx.saved_tensors
         scale: float = ctx.scale
@@ -591,6 +604,7 @@ class _MergedFlash(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, d_out: Tensor):  # type: ignore[override]
         q, k, v, app_mask, valid, out, lse = ctx.saved_tensors
         m, scale = ctx.num_main, ctx.scale
@@ -636,6 +650,15 @@ def structured_attention(
     Returns:
         ``(B, H, Lq, D)`` contiguous, equal (up to rounding) to the dense reference.
     """
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        # Under autocast, run in the autocast dtype as SDPA would, with autocast off inside:
+        # the custom autograd functions below pick their own compute dtype and write into
+        # preallocated outputs, which autocast's per-op casts would contradict.
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return structured_attention(q.to(dt), k.to(dt), v.to(dt), step, doc_ids, bias, scale, dropout_p,
+                                        q_step, q_doc_ids)
     B, H, L, D = q.shape
     if bias is not None and bias.table.shape[0] != H:
         raise ValueError(f"position_bias.table has {bias.table.shape[0]} heads but q has {H}: the table "
