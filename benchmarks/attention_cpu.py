@@ -253,6 +253,18 @@ def _time_shape(shape: Shape, impls: list[str], warmup: int, repeats: int, seed:
             if cpu:
                 row[f"{key}_cpu_ms"] = statistics.median(cpu)
         rows.append(row)
+    # FLOP model: matmul FLOPs of the dense computation, the share of 64 x 64 tiles the Triton
+    # kernel computes on this layout, and the share of pairs the mask lets through.
+    from pmlm_engine.kernels.tile_stats import tile_stats
+
+    tiles = tile_stats(step, None, 64, 64)
+    dense_fwd = 4.0 * B * H * L * L * D  # QK^T and PV, 2 FLOPs per multiply-add
+    dense_fwdbwd = 3.5 * dense_fwd  # backward: 5 matmuls of the same size (recomputed QK^T, dV, dP, dQ, dK)
+    for row in rows:
+        row["dense_gflop_fwdbwd"] = dense_fwdbwd / 1e9
+        row["kernel_tile_fraction"] = tiles.computed_fraction
+        row["visible_fraction"] = tiles.visible_fraction
+        row["gflops_dense_equiv"] = dense_fwdbwd / row["fwdbwd_ms"] / 1e6 if row["fwdbwd_ms"] else None
     base = next((r for r in rows if r["impl"] == "sdpa"), None)
     for row in rows:
         for key in ("fwd", "fwdbwd", "fwdbwd_cpu"):

@@ -47,9 +47,30 @@ SUITES: dict[str, tuple[str, str]] = {
 }
 
 
+# Columns printed per suite (results.jsonl keeps every key).
+COLUMNS: dict[str, list[str]] = {
+    "attention": ["impl", "main", "appended", "ratio", "bias", "fwd_ms", "fwd_p20", "fwd_p80", "fwdbwd_ms",
+                  "fwdbwd_p20", "fwdbwd_p80", "speedup_fwdbwd_vs_sdpa", "gflops_dense_equiv",
+                  "kernel_tile_fraction", "visible_fraction", "note"],
+    "step": ["preset", "dtype", "attention", "ranks", "variant", "batch", "max_len", "passes", "step_median_ms",
+             "step_p20_ms", "step_p80_ms", "tokens_per_s", "vs_mlm", "naive_over_this"],
+    "decode": ["search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s", "e2e_tokens_per_s",
+               "decode_speedup", "e2e_speedup", "same_tokens"],
+    "data": ["builder", "main_len", "median_examples_per_s", "p20_examples_per_s", "p80_examples_per_s",
+             "median_tokens_per_s", "speedup_vs_python"],
+    "aot": ["kernel", "target", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "registers",
+            "spill_stores", "spill_loads", "stack", "shared"],
+}
+
+
 def load_suite(name: str) -> Callable[[bool], list[dict]]:
     module, fn = SUITES[name]
     return getattr(importlib.import_module(module), fn)
+
+
+def _columns(suite: str, rows: list[dict[str, Any]]) -> list[str]:
+    present = {k for r in rows for k in r}
+    return [c for c in COLUMNS.get(suite, []) if c in present] or list(dict.fromkeys(k for r in rows for k in r))
 
 
 def plot(suite: str, rows: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -61,13 +82,13 @@ def plot(suite: str, rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     written = []
     if suite == "attention":
-        for metric in ("fwd_median_ms", "fwdbwd_median_ms"):
+        for metric in ("fwd_ms", "fwdbwd_ms"):
             series: dict[str, list[tuple[int, float]]] = {}
             for r in rows:
-                if r.get(metric) is None or r.get("total_len") is None:
+                if r.get(metric) is None:
                     continue
-                key = f"{r['impl']}" + ("" if r.get("bias", True) else " (no bias)") + f" r={r.get('mask_ratio', '')}"
-                series.setdefault(key, []).append((r["total_len"], r[metric]))
+                key = f"{r['impl']}, ratio {r['ratio']}, {'bias' if r['bias'] else 'no bias'}"
+                series.setdefault(key, []).append((r["L"], r[metric]))
             if not series:
                 continue
             fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -75,12 +96,12 @@ def plot(suite: str, rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
             ax.set_xlabel("tokens per row (main + appended)")
-            ax.set_ylabel(f"{metric.replace('_median_ms', '')} time, median (ms)")
+            ax.set_ylabel(f"{'forward' if metric == 'fwd_ms' else 'forward + backward'} time, median (ms)")
             ax.set_yscale("log")
             ax.legend(fontsize=7)
-            ax.set_title(f"attention {metric.split('_')[0]}")
+            ax.set_title("pseudo-mask attention on the CPU")
             fig.tight_layout()
-            path = out / f"attention_{metric}.png"
+            path = out / f"attention_{metric.removesuffix('_ms')}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for r in rows:
                 jsonl.write(json.dumps({"suite": name, **r}) + "\n")
-            section = [f"## {name} ({time.perf_counter() - t0:.0f} s)", "", markdown_table(rows), ""]
+            section = [f"## {name} ({time.perf_counter() - t0:.0f} s)", "", markdown_table(rows, _columns(name, rows)), ""]
             if name == "step":
                 trainer_rate = max((r.get("examples_per_s") or 0 for r in rows), default=None)
             if name == "data" and trainer_rate:
