@@ -19,10 +19,10 @@ _SCRIPT = (
 )
 
 
-def run_aot_suite(quick: bool) -> list[dict]:
-    """One row per (kernel, target, dtype, head dim). ``quick``: D=64 fp16 only."""
-    args = dict(targets=[80, 90], dtypes=["fp16"] if quick else ["fp16", "bf16"],
-                head_dims=[64] if quick else [64, 128])
+def run_aot_suite(quick: bool, smoke: bool = False) -> list[dict]:
+    """One row per (kernel, target, dtype, head dim). ``quick``: D=64 fp16 only; ``smoke``: and the forward only."""
+    args = dict(targets=[80, 90], dtypes=["fp16"] if quick or smoke else ["fp16", "bf16"],
+                head_dims=[64] if quick or smoke else [64, 128], kernels=["fwd"] if smoke else None)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(args)], capture_output=True, text=True,
                           env=env, timeout=900)

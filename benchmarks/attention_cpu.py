@@ -273,7 +273,7 @@ def _time_shape(shape: Shape, impls: list[str], warmup: int, repeats: int, seed:
     return rows
 
 
-def run_attention_suite(quick: bool, *, threads: Optional[int] = None) -> list[dict]:
+def run_attention_suite(quick: bool, *, threads: Optional[int] = None, smoke: bool = False) -> list[dict]:
     """Time every implementation on every shape; one dict per (implementation, shape).
 
     Quick: the pre-training shape (M=512, ratio 0.15, A=154) with and without bias, plus M=128
@@ -290,7 +290,10 @@ def run_attention_suite(quick: bool, *, threads: Optional[int] = None) -> list[d
     speedup_fwdbwd_vs_sdpa, speedup_fwdbwd_cpu_vs_sdpa (sdpa's median divided by this row's:
     above 1 is faster), note.
     """
-    if quick:
+    if smoke:  # tiny shapes, one repeat: that the suite runs and reports, not how fast (CI)
+        shapes = [Shape(24, 0.15, True), Shape(40, 0.3, False)]
+        warmup, repeats = 0, 1
+    elif quick:
         shapes = [Shape(512, 0.15, False), Shape(512, 0.15, True), Shape(128, 0.15, False)]
         warmup, repeats = 2, 5
     else:
@@ -303,7 +306,7 @@ def run_attention_suite(quick: bool, *, threads: Optional[int] = None) -> list[d
     try:
         for i, shape in enumerate(shapes):
             impls = ["torch", "sdpa", "eager"]
-            if not quick or i == 0:
+            if not smoke and (not quick or i == 0):
                 impls.append("flex")
             rows += _time_shape(shape, impls, warmup, repeats)
     finally:

@@ -97,7 +97,7 @@ def _time_once(fn: Callable[[Inputs], list[Example]], inputs: Inputs) -> float:
     return len(inputs) / (time.perf_counter() - start)
 
 
-def run_data_suite(quick: bool) -> list[dict]:
+def run_data_suite(quick: bool, smoke: bool = False) -> list[dict]:
     """Benchmark the builders at main lengths 128 and 512; one dict per (builder, length).
 
     The builders are timed round-robin within each repeat, so that load from other processes
@@ -114,7 +114,7 @@ def run_data_suite(quick: bool) -> list[dict]:
     if not _native.available():
         raise RuntimeError(_native.why_unavailable())
     builders = _builders(MaskingConfig())
-    repeats, warmup = (5, 1) if quick else (15, 2)
+    repeats, warmup = (1, 0) if smoke else (5, 1) if quick else (15, 2)
     # Python is ~20-30x slower: give it fewer examples so that repeats last similar times.
     counts = {"python": 32 if quick else 128, "cpp": 256 if quick else 2048, "cpp_batched": 256 if quick else 2048}
     rows: list[dict] = []

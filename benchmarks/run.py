@@ -63,7 +63,7 @@ COLUMNS: dict[str, list[str]] = {
 }
 
 
-def load_suite(name: str) -> Callable[[bool], list[dict]]:
+def load_suite(name: str) -> Callable[..., list[dict]]:
     module, fn = SUITES[name]
     return getattr(importlib.import_module(module), fn)
 
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES), help="suites to run (default all)")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (all suites < 10 min on 2 cores)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes and one repeat: checks that every suite runs and writes its outputs (CI)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/<timestamp>)")
     args = p.parse_args(argv)
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     header = ["# pmlm-engine benchmark report", "", markdown_table([env]), "",
-              f"mode: {'quick' if args.quick else 'full'}; suites: {', '.join(args.suites)}", ""]
+              f"mode: {'smoke' if args.smoke else 'quick' if args.quick else 'full'}; suites: {', '.join(args.suites)}", ""]
     print("\n".join(header), flush=True)
     report, failed = list(header), []
     with open(out / "results.jsonl", "w") as jsonl:
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.suites:
             t0 = time.perf_counter()
             try:
-                rows = load_suite(name)(args.quick)
+                rows = load_suite(name)(args.quick, smoke=args.smoke)
             except Exception as exc:  # noqa: BLE001 - one broken suite must not hide the others' figures
                 failed.append(name)
                 msg = f"## {name}\n\nFAILED: {type(exc).__name__}: {exc}\n"
