@@ -207,8 +207,7 @@ def test_finetune_run_writes_a_model_that_decode_loads(tmp_path: Path, tokenizer
     data.write_text("".join(json.dumps({"src": f"story number {i} about the city council " * 3,
                                         "tgt": f"council story {i}"}) + "\n" for i in range(6)))
     summary = finetune(FinetuneConfig(init=str(init), data=str(data), out=str(tmp_path / "ft"), max_src_len=40,
-                                      max_tgt_len=30, steps=4, batch_size=3, warmup_steps=1, log_every=2, lr=1e-3,
-                                      attention_backend="sdpa"))  # backends are compared in the test above
+                                      max_tgt_len=30, steps=4, batch_size=3, warmup_steps=1, log_every=2, lr=1e-3))
     rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
     model = load_model(summary["model"])
