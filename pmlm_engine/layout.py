@@ -20,7 +20,6 @@ Per-token fields (all ``int64``):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -248,7 +247,3 @@ def collate_packed(examples: Sequence[Example], pad_id: int, row_len: int) -> di
             batch["example_index"][r, offset:offset + n] = i
             offset += n
     return batch
-
-
-def as_dict(example: Example) -> dict[str, np.ndarray]:
-    return {k: v for k, v in dataclasses.asdict(example).items() if k in FIELDS}
