@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from common import quantile
 from pmlm_engine.attention import RelativePositionBias, bucket_lut, dense_pseudo_mask, pseudo_mask_attention
 
 B, H, D = 8, 12, 64
@@ -163,12 +164,6 @@ def _first_line(e: BaseException, limit: int = 70) -> str:
     return (str(e).splitlines() or [""])[0][:limit].replace("|", "/")
 
 
-def _percentile(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    i = min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))
-    return xs[i]
-
-
 def _load1() -> Optional[float]:
     try:
         return os.getloadavg()[0]
@@ -247,8 +242,8 @@ def _time_shape(shape: Shape, impls: list[str], warmup: int, repeats: int, seed:
             xs = series[key].get(name) or []
             if xs:
                 row[f"{key}_ms"] = statistics.median(xs)
-                row[f"{key}_p20"] = _percentile(xs, 0.2)
-                row[f"{key}_p80"] = _percentile(xs, 0.8)
+                row[f"{key}_p20"] = quantile(xs, 0.2)
+                row[f"{key}_p80"] = quantile(xs, 0.8)
             cpu = series[f"{key}_cpu"].get(name) or []
             if cpu:
                 row[f"{key}_cpu_ms"] = statistics.median(cpu)

@@ -8,7 +8,7 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 
@@ -25,23 +25,12 @@ class Timing:
         return {"median_ms": self.median * 1e3, "p20_ms": self.p20 * 1e3, "p80_ms": self.p80 * 1e3}
 
 
-def _quantile(xs: Sequence[float], q: float) -> float:
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of ``xs``, linearly interpolated."""
     xs = sorted(xs)
     pos = q * (len(xs) - 1)
     lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def measure(fn: Callable[[], Any], warmup: int = 2, repeats: int = 7) -> Timing:
-    """Run ``fn`` ``warmup`` times, then time ``repeats`` runs; medians resist this noisy machine."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), repeats)
 
 
 def measure_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 2, repeats: int = 7) -> dict[str, Timing]:
@@ -56,7 +45,7 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 2, repe
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: Timing(statistics.median(v), _quantile(v, 0.2), _quantile(v, 0.8), repeats) for k, v in times.items()}
+    return {k: Timing(statistics.median(v), quantile(v, 0.2), quantile(v, 0.8), repeats) for k, v in times.items()}
 
 
 def _cpu_model() -> str:
@@ -114,8 +103,4 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines)
 
 
-def as_row(timing: Timing, prefix: str) -> dict[str, float]:
-    return {f"{prefix}_{k}": v for k, v in timing.ms().items()}
-
-
-__all__ = ["Timing", "measure", "measure_interleaved", "environment", "markdown_table", "as_row", "asdict"]
+__all__ = ["Timing", "quantile", "measure_interleaved", "environment", "markdown_table"]

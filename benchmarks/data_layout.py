@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch  # noqa: F401  (loads libc10 before the extension)
 
+from common import quantile
 from pmlm_engine import _native
 from pmlm_engine.config import MaskingConfig
 from pmlm_engine.layout import Example, SpecialIds, build_example, build_example_python
@@ -86,10 +87,6 @@ def _builders(cfg: MaskingConfig) -> dict[str, Callable[[Inputs], list[Example]]
     return {"python": python, "cpp": cpp, "cpp_batched": cpp_batched}
 
 
-def _percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
 def _time_once(fn: Callable[[Inputs], list[Example]], inputs: Inputs) -> float:
     """Examples/s of one call of ``fn`` over ``inputs`` (results kept alive, as a loader would)."""
     start = time.perf_counter()
@@ -131,8 +128,8 @@ def run_data_suite(quick: bool, smoke: bool = False) -> list[dict]:
             median = statistics.median(rates[name])
             rows.append(dataclasses.asdict(DataLayoutResult(
                 builder=name, main_len=main_len, examples_per_repeat=counts[name], repeats=repeats,
-                median_examples_per_s=median, p20_examples_per_s=_percentile(rates[name], 20),
-                p80_examples_per_s=_percentile(rates[name], 80), median_tokens_per_s=median * main_len,
+                median_examples_per_s=median, p20_examples_per_s=quantile(rates[name], 0.2),
+                p80_examples_per_s=quantile(rates[name], 0.8), median_tokens_per_s=median * main_len,
                 speedup_vs_python=statistics.median(ratios))))
     return rows
 

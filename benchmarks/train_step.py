@@ -214,7 +214,7 @@ def _worker(spec: dict[str, Any]) -> None:
 
 def measure_two_ranks(case: StepCase, warmup: int, repeats: int) -> dict[str, Any]:
     """The PMLM step on 2 DeepSpeed ranks (ZeRO-2, torchrun), same global batch as the 1-rank rows."""
-    from common import _quantile
+    from common import quantile
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -231,7 +231,7 @@ def measure_two_ranks(case: StepCase, warmup: int, repeats: int) -> dict[str, An
     return {"preset": case.preset, "dtype": case.dtype, "attention": case.attention, "ranks": 2,
             "variant": "pmlm (DeepSpeed ZeRO-2)",
             "batch": case.batch, "max_len": case.max_len, "passes": 1, "step_median_ms": median * 1e3,
-            "step_p20_ms": _quantile(times, 0.2) * 1e3, "step_p80_ms": _quantile(times, 0.8) * 1e3,
+            "step_p20_ms": quantile(times, 0.2) * 1e3, "step_p80_ms": quantile(times, 0.8) * 1e3,
             "tokens_per_s": res["main_tokens"] / median, "examples_per_s": case.batch / median,
             "vs_mlm": None, "naive_over_this": None}
 
