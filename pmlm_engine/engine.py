@@ -363,17 +363,19 @@ class PMLMTrainStep(nn.Module):
     """Encoder + tied head + AE/PAR loss sums in one forward (what DeepSpeed wraps).
 
     ``forward`` returns ``(ae_sum, par_sum)``: summed cross-entropy over the batch's AE and
-    PAR targets (fp32). The caller divides by the global target counts.
+    PAR targets (fp32). The caller divides by the global target counts. ``label_smoothing``
+    is torch's (fine-tuning uses it; pre-training 0).
     """
 
-    def __init__(self, model: PMLMModel) -> None:
+    def __init__(self, model: PMLMModel, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.label_smoothing = label_smoothing
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor, step: Tensor,
                 doc_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.model(input_ids, position_ids, segment_ids, step, doc_ids)  # (B, L, C)
-        out = pmlm_loss(hidden, labels, step, self.model.lm_head)
+        out = pmlm_loss(hidden, labels, step, self.model.lm_head, label_smoothing=self.label_smoothing)
         kind = step[out.token_index[:, 0], out.token_index[:, 1]]  # (N,)
         token_loss = out.token_loss.float()
         return token_loss[kind == 0].sum(), token_loss[kind < 0].sum()
@@ -424,11 +426,11 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, model: PMLMModel, cfg: TrainConfig, env: DistEnv) -> None:
+    def __init__(self, model: PMLMModel, cfg: TrainConfig, env: DistEnv, label_smoothing: float = 0.0) -> None:
         self.model = model
         self.env = env
         self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        self.module = PMLMTrainStep(model).to(self.device)
+        self.module = PMLMTrainStep(model, label_smoothing).to(self.device)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.grad_clip = cfg.optim.grad_clip
@@ -478,13 +480,14 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, model: PMLMModel, cfg: TrainConfig, env: DistEnv, ds_config: dict[str, Any]) -> None:
+    def __init__(self, model: PMLMModel, cfg: TrainConfig, env: DistEnv, ds_config: dict[str, Any],
+                 label_smoothing: float = 0.0) -> None:
         deepspeed = import_deepspeed()
         self.model = model
         self.env = env
         self.world_size = env.world_size
         self.stage = ds_config["zero_optimization"]["stage"]
-        module = PMLMTrainStep(model)
+        module = PMLMTrainStep(model, label_smoothing)
         if self.stage == 3:
             # parameters read outside their owner's forward: the tied decoder (LMHead reads the word
             # embedding's weight) and the shared relative bias table (read by PMLMModel.forward)
@@ -558,10 +561,12 @@ class DeepSpeedEngine:
 
 
 def build_engine(model: PMLMModel, cfg: TrainConfig, env: DistEnv,
-                 ds_config: Optional[dict[str, Any]] = None) -> TorchEngine | DeepSpeedEngine:
+                 ds_config: Optional[dict[str, Any]] = None,
+                 label_smoothing: float = 0.0) -> TorchEngine | DeepSpeedEngine:
+    """The engine ``cfg`` resolves to; ``label_smoothing`` goes to the loss (fine-tuning's, 0 in pre-training)."""
     engine = cfg.resolved_engine(env.world_size)
     if engine == "torch":
-        return TorchEngine(model, cfg, env)
+        return TorchEngine(model, cfg, env, label_smoothing)
     if ds_config is None:
         raise ValueError("engine=deepspeed needs the DeepSpeed config (build_deepspeed_config)")
-    return DeepSpeedEngine(model, cfg, env, ds_config)
+    return DeepSpeedEngine(model, cfg, env, ds_config, label_smoothing)

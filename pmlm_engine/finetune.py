@@ -28,6 +28,15 @@ Outputs under ``--out``: ``metrics.jsonl`` (one line per ``--log-every`` steps),
 ``finetune_config.json``, and the model folder ``final/`` (safetensors + config.json, written
 atomically) that :mod:`pmlm_engine.decode` loads; its config records the tokenizer and the
 fine-tuning settings (decode's length defaults come from them).
+
+Engines: the training step is :mod:`pmlm_engine.engine`'s (``--engine torch``, the default in one
+process; ``--engine deepspeed --zero-stage N``, also the default under a distributed launcher:
+``deepspeed pmlm_engine/finetune.py ...`` or ``torchrun --nproc_per_node K pmlm_engine/finetune.py ...``,
+hence this file's absolute imports). Every rank draws the same global batch of ``--batch-size``
+examples and trains on its own contiguous share of it (``batch_size / world size`` examples); the
+loss is the summed target cross-entropy divided by the *global* count of target tokens, so the
+split over ranks does not change it. Rank 0 alone writes metrics, progress and the model folder
+(under ZeRO-3 the parameters are gathered first).
 """
 
 from __future__ import annotations
@@ -48,14 +57,17 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import save_model
-from .config import to_dict
-from .layout import SpecialIds, build_seq2seq_example, collate_padded
-from .losses import LossOutput, pmlm_loss
-from .model import PMLMModel, extend_positions
-from .optim import OptimConfig, build_optimizer, build_scheduler
-from .rng import derive_seed
-from .s2s_data import EncodedPairs, encode_pairs, load_pair_spec
+from pmlm_engine.checkpoint import save_state
+from pmlm_engine.config import to_dict
+from pmlm_engine.engine import (all_reduce_sum, barrier, build_deepspeed_config, build_engine, check_world, dist_env,
+                                init_distributed, shutdown, target_counts)
+from pmlm_engine.layout import SpecialIds, build_seq2seq_example, collate_padded
+from pmlm_engine.losses import LossOutput, pmlm_loss
+from pmlm_engine.model import PMLMModel, extend_positions
+from pmlm_engine.optim import OptimConfig
+from pmlm_engine.rng import derive_seed
+from pmlm_engine.s2s_data import EncodedPairs, encode_pairs, load_pair_spec
+from pmlm_engine.train_config import DataConfig, DeepSpeedSection, TrainConfig
 
 log = logging.getLogger("pmlm_engine.finetune")
 
@@ -100,6 +112,10 @@ class FinetuneConfig:
     """Use only the first N pairs (0 = all)."""
     log_every: int = 10
     """Steps between metric lines."""
+    engine: str = "auto"
+    """torch (one process) | deepspeed | auto (deepspeed under a distributed launcher, else torch)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (engine deepspeed only)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -114,10 +130,24 @@ class FinetuneConfig:
             (self.dtype in ("fp32", "bf16"), "dtype", "fp32 or bf16"),
             (self.max_examples >= 0, "max_examples", ">= 0 (0 = all)"),
             (self.log_every >= 1, "log_every", ">= 1"),
+            (self.engine in ("auto", "torch", "deepspeed"), "engine", "auto, torch or deepspeed"),
+            (self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3"),
         ]
         for ok, name, want in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {want}")
+
+    def train_config(self) -> TrainConfig:
+        """The engine's view of this run (:mod:`pmlm_engine.engine` reads optim, steps, precision,
+        batch size per rank and ZeRO stage from a :class:`TrainConfig`)."""
+        env = dist_env()
+        if self.batch_size % env.world_size:
+            raise ValueError(f"batch_size={self.batch_size} is not a multiple of the world size {env.world_size}: "
+                             f"each rank trains on batch_size / world size examples of every global batch")
+        return TrainConfig(engine=self.engine, precision=self.dtype, steps=self.steps, out=self.out,
+                           optim=OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps),
+                           data=DataConfig(batch_size=self.batch_size // env.world_size),
+                           deepspeed=DeepSpeedSection(zero_stage=self.zero_stage))
 
     @property
     def positions_needed(self) -> int:
@@ -198,12 +228,18 @@ class EpochSampler:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run fine-tuning; returns a summary (first/last losses, time, truncation counts, output folder)."""
-    from .convert import load_any
-    from .tokenizer import load_tokenizer
+    from pmlm_engine.convert import load_any
+    from pmlm_engine.tokenizer import load_tokenizer
 
+    env = dist_env()
+    tcfg = cfg.train_config()
+    check_world(tcfg, env)
+    engine_name = tcfg.resolved_engine(env.world_size)
+    ds_config = build_deepspeed_config(tcfg, env.world_size) if engine_name == "deepspeed" else None
+    env = init_distributed(engine_name)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # identical initial weights (a fresh MLM head) on every rank
     model, recorded_tok = load_any(cfg.init, attention_backend=cfg.attention_backend)
     tok_path = resolve_tokenizer(cfg.tokenizer, recorded_tok)
     tokenizer = load_tokenizer(tok_path)
@@ -221,33 +257,38 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         records = records[:cfg.max_examples]
     enc = encode_pairs(records, tokenizer, cfg.max_src_len, cfg.max_tgt_len)
     enc.stats.log(f"fine-tuning data {cfg.data}")
-    log.info("model: %.1fM parameters, %d layers, hidden %d; %d training pairs", model.num_parameters() / 1e6,
-             model.config.num_layers, model.config.hidden_size, len(enc.ids))
+    log.info("model: %.1fM parameters, %d layers, hidden %d; %d training pairs; engine %s%s, %d rank(s) x %d "
+             "examples", model.num_parameters() / 1e6, model.config.num_layers, model.config.hidden_size,
+             len(enc.ids), engine_name, f" (ZeRO stage {cfg.zero_stage})" if engine_name == "deepspeed" else "",
+             env.world_size, tcfg.data.batch_size)
 
-    optim_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps)
-    opt = build_optimizer(model, optim_cfg)
-    sched = build_scheduler(opt, optim_cfg, cfg.steps)
-    (out / "finetune_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    sampler = EpochSampler(len(enc.ids), cfg.batch_size, cfg.seed)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    if env.world_size > 1:  # dropout differs per rank (one process keeps the stream it always had)
+        torch.manual_seed(derive_seed(cfg.seed, 0xD20, env.rank) & ((1 << 63) - 1))
+    engine = build_engine(model, tcfg, env, ds_config, label_smoothing=cfg.label_smoothing)
+    if env.is_main:
+        (out / "finetune_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    sampler = EpochSampler(len(enc.ids), cfg.batch_size, cfg.seed)  # the same global batches on every rank
+    micro = tcfg.data.batch_size
+    lo, hi = env.rank * micro, (env.rank + 1) * micro
 
-    model.train()
     history: list[float] = []
     window = dict(loss=0.0, tokens=0, targets=0, n=0)
     t_start = t0 = time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as metrics:
-        bar = tqdm(range(cfg.steps), desc="fine-tune", unit="step")
+    metrics = open(out / "metrics.jsonl", "w") if env.is_main else None
+    try:
+        bar = tqdm(range(cfg.steps), desc="fine-tune", unit="step", disable=not env.is_main)
         for step in bar:
-            picks = sampler.next()
+            picks = sampler.next()[lo:hi]  # this rank's share of the global batch
             examples = []
             for epoch, i in picks:
                 examples += build_examples(enc, special, cfg.target_mask_prob, cfg.seed, epoch, [i])
             batch = collate_padded(examples, special.pad)
+            local_targets = target_counts(batch)[1]
+            n_par = max(float(all_reduce_sum(torch.tensor([float(local_targets)], dtype=torch.float64))[0]), 1.0)
             try:
-                with autocast:
-                    res = seq2seq_loss(model, batch, cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                res.loss.backward()
+                _, par_sum = engine.forward(batch)
+                loss_t = par_sum / n_par  # mean over the global batch's target tokens
+                engine.backward(loss_t)
             except RuntimeError as exc:
                 if step > 0:
                     raise
@@ -255,30 +296,40 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     f"the first training step failed with attention backend {cfg.attention_backend!r} under "
                     f"{cfg.dtype} ({exc}); another backend may support this layout and precision: try "
                     "--attention-backend sdpa (or --dtype fp32)") from exc
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip or math.inf)
-            opt.step()
-            sched.step()
-            loss = float(res.loss.detach())
+            stats = engine.step()
+            sums = torch.tensor([float(loss_t.detach()), float((batch["doc_ids"] >= 0).sum()), float(local_targets)],
+                                dtype=torch.float64)
+            all_reduce_sum(sums)
+            loss = float(sums[0])
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step + 1}: lower --lr or use --dtype fp32")
             history.append(loss)
             window["loss"] += loss
-            window["tokens"] += int((batch["doc_ids"] >= 0).sum())
-            window["targets"] += res.par_tokens
+            window["tokens"] += int(sums[1])
+            window["targets"] += int(sums[2])
             window["n"] += 1
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 dt = time.perf_counter() - t0
                 row = dict(step=step + 1, epoch=sampler.epoch, loss=window["loss"] / window["n"],
-                           lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                           lr=engine.scheduler.get_last_lr()[0],
+                           grad_norm=None if stats.grad_norm is None else float(stats.grad_norm),
                            tokens_per_s=window["tokens"] / dt, target_tokens_per_s=window["targets"] / dt,
                            elapsed_s=time.perf_counter() - t_start)
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                if metrics is not None:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 window = dict(loss=0.0, tokens=0, targets=0, n=0)
                 t0 = time.perf_counter()
+    finally:
+        if metrics is not None:
+            metrics.close()
     elapsed = time.perf_counter() - t_start
-    final = save_model(model, out / "final", extra={"tokenizer": tok_path, "finetune": to_dict(cfg)})
+    state = engine.fp32_state_dict()  # collective: gathers ZeRO-3 partitions; empty off rank 0
+    final = out / "final"
+    if env.is_main:
+        save_state(state, model.config, final, extra={"tokenizer": tok_path, "finetune": to_dict(cfg)})
+    barrier()
     k = max(1, min(20, len(history) // 4))
     summary = dict(first_loss=sum(history[:k]) / k, last_loss=sum(history[-k:]) / k, train_seconds=elapsed,
                    examples=len(enc.ids), epochs=sampler.epoch + sampler._pos / sampler.n,
@@ -317,6 +368,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> FinetuneConfig:
     p.add_argument("--max-examples", type=int, default=0, help="use only the first N pairs (default 0 = all)")
     p.add_argument("--log-every", type=int, default=d.log_every, help=f"steps per metrics line (default {d.log_every})")
     p.add_argument("--seed", type=int, default=d.seed, help="seed (default 0)")
+    p.add_argument("--engine", default=d.engine, choices=["auto", "torch", "deepspeed"],
+                   help="training engine (default auto: deepspeed under a distributed launcher, else torch)")
+    p.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=[0, 1, 2, 3],
+                   help="DeepSpeed ZeRO stage (engine deepspeed; default 0)")
+    # the DeepSpeed launcher passes --local_rank; the rank is read from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, all cores; 1 is faster on a shared, busy machine)")
     a = p.parse_args(argv)
@@ -328,18 +385,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> FinetuneConfig:
         init=a.init, data=a.data, out=a.out, tokenizer=a.tokenizer, max_src_len=a.max_src_len,
         max_tgt_len=a.max_tgt_len, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
         label_smoothing=a.label_smoothing, target_mask_prob=a.target_mask_prob, dtype=a.dtype,
-        attention_backend=a.attention_backend, seed=a.seed, max_examples=a.max_examples, log_every=a.log_every)
+        attention_backend=a.attention_backend, seed=a.seed, max_examples=a.max_examples, log_every=a.log_every,
+        engine=a.engine, zero_stage=a.zero_stage)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if dist_env().is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse_args(argv)
         summary = finetune(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    finally:
+        shutdown()
+    if dist_env().is_main:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
