@@ -23,7 +23,6 @@ the global batch is split over ranks and accumulation steps.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from .layout import IGNORE
 from .losses import pmlm_loss
 from .model import PMLMModel
 from .optim import build_optimizer, build_scheduler
-from .train_config import TrainConfig
+from .train_config import TrainConfig, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +205,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
 
 def read_deepspeed_overrides(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object of ``deepspeed.overrides`` (errors name the file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"deepspeed.overrides file {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"deepspeed.overrides file {p} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"deepspeed.overrides file {p} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, "deepspeed.overrides file")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -420,20 +420,24 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; errors name ``what`` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p} does not exist")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {p} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {p} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                 extra: Mapping[str, Any] | None = None) -> TrainConfig:
     """Defaults < the JSON file ``path`` < ``extra`` (dotted key -> value) < ``overrides`` (``KEY=VALUE``)."""
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"config file {p} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {p} must hold a JSON object, got {type(data).__name__}")
+    data: dict[str, Any] = read_json_object(path, "config file") if path else {}
     for dotted, value in (extra or {}).items():
         apply_override(data, dotted, value)
     for item in overrides:
