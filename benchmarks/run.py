@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 # suite -> (module, function); modules live beside this file
 SUITES: dict[str, tuple[str, str]] = {
     "attention": ("attention_cpu", "run_attention_suite"),
+    "tiles": ("attention_cpu", "run_tile_suite"),
     "step": ("train_step", "run_step_suite"),
     "decode": ("decode", "run_decode_suite"),
     "data": ("data_layout", "run_data_suite"),
@@ -52,6 +53,8 @@ COLUMNS: dict[str, list[str]] = {
     "attention": ["impl", "main", "appended", "ratio", "bias", "fwd_ms", "fwd_p20", "fwd_p80", "fwdbwd_ms",
                   "fwdbwd_p20", "fwdbwd_p80", "speedup_fwdbwd_vs_sdpa", "gflops_dense_equiv",
                   "kernel_tile_fraction", "visible_fraction", "note"],
+    "tiles": ["layout", "rows", "L", "block", "summary_fraction", "exact_fraction", "flex_fraction",
+              "summary_full_share", "exact_full_share", "visible_fraction"],
     "step": ["preset", "dtype", "attention", "ranks", "variant", "batch", "max_len", "passes", "step_median_ms",
              "step_p20_ms", "step_p80_ms", "tokens_per_s", "vs_mlm", "naive_over_this"],
     "decode": ["search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s", "e2e_tokens_per_s",
