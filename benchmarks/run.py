@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import importlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path

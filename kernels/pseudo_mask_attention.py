@@ -52,6 +52,12 @@ from pmlm_engine.position_bias import RelativePositionBias, relative_position_bu
 
 from .tile_stats import TileStats, tile_classes, tile_lists, tile_stats
 
+if __name__ != "pmlm_engine.kernels.pseudo_mask_attention":
+    # A second execution under another name would redefine the custom ops below; torch then frees
+    # the first definition, which the engine still calls (use after free: segfaults, garbage).
+    raise ImportError(f"import it as pmlm_engine.kernels.pseudo_mask_attention, not as {__name__!r} (its custom "
+                      "ops must be defined once per process)")
+
 # The kernels work in base 2: exp(x) = exp2(x * log2(e)). Kernel globals must be tl.constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)

@@ -33,12 +33,8 @@ from pmlm_engine.attention import (RelativePositionBias, available_backends, den
 from pmlm_engine.config import MaskingConfig
 from pmlm_engine.layout import SpecialIds, build_example_python, collate_packed, collate_padded
 
-try:
-    from pmlm_engine.kernels import pseudo_mask_attention as pma
-    from pmlm_engine.kernels import tile_stats as ts
-except ModuleNotFoundError:  # before `pip install -e .`: the repository root is on PYTHONPATH
-    from kernels import pseudo_mask_attention as pma
-    from kernels import tile_stats as ts
+from pmlm_engine.kernels import pseudo_mask_attention as pma
+from pmlm_engine.kernels import tile_stats as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
@@ -477,10 +473,46 @@ def test_unavailable_without_interpreter_or_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the backend is available without the interpreter")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    code = ("try:\n from pmlm_engine.kernels import pseudo_mask_attention as m\n"
-            "except ModuleNotFoundError:\n from kernels import pseudo_mask_attention as m\n"
-            "print(m.unavailable())")
+    code = "from pmlm_engine.kernels import pseudo_mask_attention as m\nprint(m.unavailable())"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "TRITON_INTERPRET=1" in proc.stdout and "GPU" in proc.stdout
+
+
+def test_a_second_import_under_another_name_cannot_replace_the_custom_ops():
+    """Regression test of the crash that once made CI run this suite in its own process.
+
+    From the repository root the ``kernels/`` folder is also importable as a top-level ``kernels``
+    package, and libraries probe for a package of that name (transformers imports ``kernels``
+    to look for Hugging Face's kernel hub). Executing ``pseudo_mask_attention`` a second time
+    under that name redefined ``pmlm::pseudo_mask_attention_fwd``; torch then destroys the first
+    definition, and the op object the engine holds pointed to freed memory: the next call
+    segfaulted or raised ``ValueError: vector::reserve``. Now the top-level ``kernels`` is an empty
+    shell, importing the module under another name is refused, and the op stays the one defined
+    first (a use after free does not crash reliably: the freed definition's memory is often
+    reused by the new, identical one, so the test checks the definition itself)."""
+    code = (
+        "import importlib, torch\n"
+        "from pmlm_engine.kernels import pseudo_mask_attention as pma\n"
+        "q = torch.randn(1, 1, 3, 16, requires_grad=True); step = torch.zeros(1, 3, dtype=torch.long)\n"
+        "def call():\n"
+        "    out = pma.fused_pseudo_mask_attention(q, q, q, step, step, config=pma.BlockConfig.uniform(16))\n"
+        "    out.sum().backward()\n"
+        "call()\n"
+        "probe = importlib.import_module('kernels')  # what transformers' is_kernels_available() does\n"
+        "try:\n"
+        "    importlib.import_module('kernels.pseudo_mask_attention')\n"
+        "except ImportError as e:\n"
+        "    print('refused:', e)\n"
+        "from torch._library.custom_ops import OPDEFS\n"
+        "print('same op:', OPDEFS['pmlm::pseudo_mask_attention_fwd'] is pma._fwd_op)\n"
+        "call()\n"
+        "print('shell:', probe.__file__.startswith(%r), hasattr(probe, 'pseudo_mask_attention'))\n"
+        "print('ok')\n" % REPO)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MALLOC_PERTURB_": "165", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: import it as pmlm_engine.kernels.pseudo_mask_attention" in proc.stdout
+    assert "same op: True" in proc.stdout  # torch did not replace (and free) the engine's definition
+    assert "shell: True False" in proc.stdout and proc.stdout.rstrip().endswith("ok")

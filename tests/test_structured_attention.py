@@ -20,7 +20,6 @@ are tiny), so the tests exercise the structured path; each test asserts which pl
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Optional
 
 import numpy as np
