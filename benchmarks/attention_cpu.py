@@ -66,7 +66,7 @@ class Shape:
 def synthetic_layout(main: int, ratio: float, rows: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """``(step, position_ids)``, each ``(rows, main + 2 * ceil(ratio * main))``.
 
-    Spans: length 1, or 2..6 with probability 0.4 (PMLM.md section 1), non-overlapping, inside
+    Spans: length 1, or 2..6 with probability 0.4 (docs/layout.md), non-overlapping, inside
     ``[1, main - 1)`` (``[CLS]``/``[SEP]`` excluded), the last one cut so exactly
     ``ceil(ratio * main)`` tokens are masked; steps in a random order.
     """

@@ -1,6 +1,6 @@
 """Fused, tile-sparse pseudo-mask attention in Triton (FlashAttention-2 style).
 
-What it computes is ``pmlm_engine.attention.pseudo_mask_attention`` (PMLM.md section 3):
+What it computes is ``pmlm_engine.attention.pseudo_mask_attention`` (docs/attention.md):
 
     S = scale * Q K^T + bias,   P = softmax(S masked by the pseudo-mask),   O = P V
 
@@ -68,7 +68,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _visible(q_step, q_doc, k_step, k_doc):
-    """PMLM.md section 3 for broadcastable query / key tensors (e.g. ``(M, 1)`` and ``(1, N)``).
+    """docs/attention.md for broadcastable query / key tensors (e.g. ``(M, 1)`` and ``(1, N)``).
 
     ``ctx_limit`` is the largest non-negative key step a query may see: ``w_q`` for main and
     ORIGINAL queries, ``-w_q - 1`` for PSEUDO queries (earlier steps only). A PSEUDO query also

@@ -67,7 +67,7 @@ class Layout:
 
 def doc_tokens(n_main: int, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """(step, position) of one document: main part, then per step its ORIGINAL then PSEUDO tokens
-    (PMLM.md section 2); ``spans`` are ``(start, length)`` in factorization order."""
+    (docs/layout.md); ``spans`` are ``(start, length)`` in factorization order."""
     step, pos = [0] * n_main, list(range(n_main))
     for s, (start, length) in enumerate(spans, start=1):
         for sign in (1, -1):
