@@ -184,7 +184,7 @@ def available_backends() -> list[str]:
 
 def _load_optional_backends() -> None:
     """Optional backends register themselves on import; import failures leave them out."""
-    for module in ("pmlm_engine.structured_attention", "pmlm_engine.kernels"):
+    for module in ("pmlm_engine.structured_attention", "pmlm_engine.kernels", "pmlm_engine.cuda_attention"):
         try:
             __import__(module)
         except ImportError:
