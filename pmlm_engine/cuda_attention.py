@@ -382,6 +382,84 @@ def cuda_pseudo_mask_attention(
     return (out, lse) if return_lse else out
 
 
+def tile_sizes(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int]]:
+    """``{"fwd": (BM, BN), "bwd_dkdv": (BM, BN), "bwd_dq": (BM, BN)}`` (queries, keys) per pass,
+    read from the compiled kernels (``Tiles`` in csrc/cuda/pseudo_mask_attention.cu; the emulated
+    build carries the same source, so it answers on any machine where the package is built)."""
+    try:
+        module = _load_emulated()
+    except ImportError:
+        module = _module()
+    code = SUPPORTED_DTYPES[dtype]
+    return {name: tuple(module.pass_info(code, head_dim, 32, i)[1:])
+            for i, name in enumerate(("fwd", "bwd_dkdv", "bwd_dq"))}
+
+
+def exact_tile_classes(mask: Tensor, block_m: int, block_n: int) -> Tensor:
+    """``(B, nQ, nK)`` EMPTY / PARTIAL / FULL of a dense ``(B, Lq, Lk)`` mask, exactly as the CUDA
+    kernels classify (``classify_tile``; rows and columns past the end count as padding)."""
+    from pmlm_engine.kernels.tile_stats import EMPTY, FULL, PARTIAL
+
+    B, Lq, Lk = mask.shape
+    nq, nk = -(-Lq // block_m), -(-Lk // block_n)
+    padded = mask.new_zeros((B, nq * block_m, nk * block_n))
+    padded[:, :Lq, :Lk] = mask
+    tiles = padded.view(B, nq, block_m, nk, block_n)
+    any_visible, all_visible = tiles.any(dim=4).any(dim=2), tiles.all(dim=4).all(dim=2)
+    classes = torch.full((B, nq, nk), EMPTY, dtype=torch.int8)
+    classes[any_visible] = PARTIAL
+    classes[all_visible] = FULL
+    return classes
+
+
+def flop_model(step: Tensor, doc_ids: Optional[Tensor] = None, head_dim: int = 64,
+               dtype: torch.dtype = torch.bfloat16, *, q_step: Optional[Tensor] = None,
+               q_doc_ids: Optional[Tensor] = None) -> dict[str, dict[str, float]]:
+    """Work and traffic model of the CUDA kernels on a layout, per pass.
+
+    For each pass: tile counts (exact classes at the kernels' tile sizes), ``computed_fraction``
+    (partial + full tiles over dense tiles), matmul FLOPs of the computed tiles (forward: QK^T and
+    PV; dK/dV: S^T, dP^T, dV, dK; dQ: S, dP, dQ; ``2 * BM * BN * D`` each) and the global-memory
+    bytes they stream (per computed tile, the moving operands: K, V for the forward and dQ; Q,
+    dO, lse, delta for dK/dV; plus every tile's metadata for the classification; per block, the
+    stationary operands read once and the results written once), and ``intensity`` (FLOP per
+    byte of one computed tile's streamed operands) and ``overall_intensity`` (all FLOPs over all
+    bytes). Per head; multiply FLOPs and bytes by the number of heads.
+    """
+    from pmlm_engine.attention import dense_pseudo_mask
+    from pmlm_engine.kernels.tile_stats import EMPTY, FULL, PARTIAL, resolve_layout
+
+    qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
+    mask = dense_pseudo_mask(ks, kd, q_step=qs, q_doc_ids=qd)
+    B, Lq, Lk = mask.shape
+    size, d = torch.empty((), dtype=dtype).element_size(), head_dim
+    matmuls = {"fwd": 2, "bwd_dkdv": 4, "bwd_dq": 3}
+    out: dict[str, dict[str, float]] = {}
+    for name, (bm, bn) in tile_sizes(head_dim, dtype).items():
+        key_major = name == "bwd_dkdv"
+        classes = exact_tile_classes(mask, bm, bn)
+        counts = torch.bincount(classes.flatten().long(), minlength=3).tolist()
+        computed = counts[PARTIAL] + counts[FULL]
+        nq, nk = classes.shape[1], classes.shape[2]
+        flops = computed * matmuls[name] * 2 * bm * bn * d
+        if name == "fwd":  # stream K, V (+ key metadata); stationary Q in, O and lse out
+            per_tile, meta, blocks = 2 * bn * d * size, 3 * bn * 4, nq
+            stationary = 2 * bm * d * size + bm * 4 + 3 * bm * 4
+        elif key_major:  # stream Q, dO, lse, delta (+ query metadata); stationary K, V in, dK, dV out
+            per_tile, meta, blocks = 2 * bm * d * size + 2 * bm * 4, 3 * bm * 4, nk
+            stationary = 4 * bn * d * size + 3 * bn * 4
+        else:  # stream K, V (+ key metadata); stationary Q, dO, lse, delta in, dQ out
+            per_tile, meta, blocks = 2 * bn * d * size, 3 * bn * 4, nq
+            stationary = 3 * bm * d * size + 5 * bm * 4
+        total_bytes = B * blocks * stationary + computed * per_tile + classes.numel() * meta
+        out[name] = {"block_m": bm, "block_n": bn, "empty": counts[EMPTY], "partial": counts[PARTIAL],
+                     "full": counts[FULL], "computed_fraction": computed / max(1, classes.numel()),
+                     "visible_fraction": float(mask.float().mean()), "flops": flops, "bytes": total_bytes,
+                     "intensity": matmuls[name] * 2 * bm * bn * d / per_tile,
+                     "overall_intensity": flops / max(1, total_bytes)}
+    return out
+
+
 def _backend(q: Tensor, k: Tensor, v: Tensor, step: Tensor, doc_ids: Optional[Tensor],
              bias: Optional[RelativePositionBias], scale: float, dropout_p: float, q_step: Optional[Tensor],
              q_doc_ids: Optional[Tensor]) -> Tensor:
@@ -395,4 +473,4 @@ def _backend(q: Tensor, k: Tensor, v: Tensor, step: Tensor, doc_ids: Optional[Te
 register_backend("cuda", _backend, unavailable)
 
 __all__ = ["EMULATE_ENV", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "cuda_pseudo_mask_attention", "emulated",
-           "unavailable"]
+           "exact_tile_classes", "flop_model", "tile_sizes", "unavailable"]

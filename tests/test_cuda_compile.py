@@ -83,7 +83,7 @@ def test_shared_memory_fits_sm80() -> None:
     for dtype in range(3):
         for d in HEAD_DIMS:
             for pass_ in range(3):
-                size = emu.smem_bytes(dtype, d, 32, pass_)
+                size, _, _ = emu.pass_info(dtype, d, 32, pass_)
                 assert 0 < size <= SM80_MAX_DYNAMIC_SMEM, (dtype, d, pass_, size)
 
 
@@ -94,7 +94,7 @@ def test_attention_exports_c_launchers(report) -> None:
     line = next((ln for ln in out.splitlines() if ln.startswith("EXPORTS file=pseudo_mask_attention.cu")), None)
     assert line is not None, out
     symbols = set(line.split("symbols=", 1)[1].split(","))
-    for name in ("forward", "backward", "smem_bytes"):
+    for name in ("forward", "backward", "pass_info"):
         assert f"pmlm_pseudo_mask_attention_{name}" in symbols, symbols
 
 

@@ -97,6 +97,15 @@ PYBIND11_MODULE(PMLM_MODULE_NAME, m) {
         check(err, "pmlm_pseudo_mask_attention_backward");
       },
       py::arg("args"), py::arg("dtype"), py::arg("stream") = 0);
-  m.def("smem_bytes", &pmlm_pseudo_mask_attention_smem_bytes, py::arg("dtype"), py::arg("head_dim"),
-        py::arg("num_buckets"), py::arg("pass_"));
+  m.def(
+      "pass_info",
+      [](int dtype, int head_dim, int num_buckets, int pass) {
+        int block_m = 0, block_n = 0;
+        const int smem =
+            pmlm_pseudo_mask_attention_pass_info(dtype, head_dim, num_buckets, pass, &block_m, &block_n);
+        if (smem < 0) throw std::invalid_argument("invalid dtype, head_dim, num_buckets or pass");
+        return py::make_tuple(smem, block_m, block_n);
+      },
+      "(shared memory bytes, block_m, block_n) of a pass: 0 forward, 1 dK/dV, 2 dQ", py::arg("dtype"),
+      py::arg("head_dim"), py::arg("num_buckets"), py::arg("pass_"));
 }

@@ -576,11 +576,19 @@ int dispatch(const pmlm_attention_args* p, int dtype, void* stream) {
   }
 }
 
+/// Shared memory of one block of a pass and its tile (queries x keys).
 template <class T, int D>
-int pass_smem_bytes(int pass, int num_buckets) {
+int pass_info(int pass, int num_buckets, int* block_m, int* block_n) {
   using TL = Tiles<T, D>;
-  if (pass == 0) return static_cast<int>(smem_bytes<FwdSmem<T, D, TL::kFwdM, TL::kFwdN>>(num_buckets));
-  if (pass == 1) return static_cast<int>(smem_bytes<DkDvSmem<T, D, TL::kKvM, TL::kKvN>>(num_buckets));
+  if (pass == 0) {
+    *block_m = TL::kFwdM, *block_n = TL::kFwdN;
+    return static_cast<int>(smem_bytes<FwdSmem<T, D, TL::kFwdM, TL::kFwdN>>(num_buckets));
+  }
+  if (pass == 1) {
+    *block_m = TL::kKvM, *block_n = TL::kKvN;
+    return static_cast<int>(smem_bytes<DkDvSmem<T, D, TL::kKvM, TL::kKvN>>(num_buckets));
+  }
+  *block_m = TL::kDqM, *block_n = TL::kDqN;
   return static_cast<int>(smem_bytes<DqSmem<T, D, TL::kDqM, TL::kDqN>>(num_buckets));
 }
 
@@ -608,18 +616,22 @@ extern "C" int pmlm_pseudo_mask_attention_backward(const pmlm_attention_args* ar
   return pmlm::dispatch<pmlm::Backward>(args, dtype, stream);
 }
 
-extern "C" int pmlm_pseudo_mask_attention_smem_bytes(int dtype, int head_dim, int num_buckets, int pass) {
+extern "C" int pmlm_pseudo_mask_attention_pass_info(int dtype, int head_dim, int num_buckets, int pass,
+                                                     int* block_m, int* block_n) {
   using namespace pmlm;
-  if ((head_dim != 64 && head_dim != 128) || num_buckets < 0 || pass < 0 || pass > 2) return -1;
+  if ((head_dim != 64 && head_dim != 128) || num_buckets < 0 || pass < 0 || pass > 2 || !block_m || !block_n)
+    return -1;
   const bool d64 = head_dim == 64;
   switch (dtype) {
     case 0:
-      return d64 ? pass_smem_bytes<float, 64>(pass, num_buckets) : pass_smem_bytes<float, 128>(pass, num_buckets);
+      return d64 ? pass_info<float, 64>(pass, num_buckets, block_m, block_n)
+                 : pass_info<float, 128>(pass, num_buckets, block_m, block_n);
     case 1:
-      return d64 ? pass_smem_bytes<__half, 64>(pass, num_buckets) : pass_smem_bytes<__half, 128>(pass, num_buckets);
+      return d64 ? pass_info<__half, 64>(pass, num_buckets, block_m, block_n)
+                 : pass_info<__half, 128>(pass, num_buckets, block_m, block_n);
     case 2:
-      return d64 ? pass_smem_bytes<__nv_bfloat16, 64>(pass, num_buckets)
-                 : pass_smem_bytes<__nv_bfloat16, 128>(pass, num_buckets);
+      return d64 ? pass_info<__nv_bfloat16, 64>(pass, num_buckets, block_m, block_n)
+                 : pass_info<__nv_bfloat16, 128>(pass, num_buckets, block_m, block_n);
     default:
       return -1;
   }

@@ -47,8 +47,10 @@ int pmlm_pseudo_mask_attention_forward(const pmlm_attention_args* args, int dtyp
 int pmlm_pseudo_mask_attention_backward(const pmlm_attention_args* args, int dtype, void* stream);
 
 /// Dynamic shared memory (bytes) of one block of a pass (0 forward, 1 dK/dV, 2 dQ) for a dtype,
-/// head dim and bucket count (the dK/dV pass keeps the table gradient in shared memory); -1 if invalid.
-int pmlm_pseudo_mask_attention_smem_bytes(int dtype, int head_dim, int num_buckets, int pass);
+/// head dim and bucket count (the dK/dV pass keeps the table gradient in shared memory), and the
+/// pass's tile in *block_m (queries) x *block_n (keys); -1 if the arguments are invalid.
+int pmlm_pseudo_mask_attention_pass_info(int dtype, int head_dim, int num_buckets, int pass, int* block_m,
+                                          int* block_n);
 
 #ifdef __cplusplus
 }
