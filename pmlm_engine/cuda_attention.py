@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from .attention import RelativePositionBias, bucket_lut, register_backend
+from .attention_api import AttentionLayout
+from .mask_rule import dense_pseudo_mask, resolve_layout
+from .position_bias import RelativePositionBias, bucket_lut
 
 EMULATE_ENV = "PMLM_CUDA_EMULATE"
 SUPPORTED_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # codes of the C interface
@@ -294,7 +297,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public entry point and registration
+# Public entry point and the backend
 
 
 def _meta(name: str, t: Tensor, shape: tuple[int, int], device: torch.device) -> Tensor:
@@ -303,6 +306,78 @@ def _meta(name: str, t: Tensor, shape: tuple[int, int], device: torch.device) ->
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {shape}")
     return t.to(device=device, dtype=torch.int32).contiguous()
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """The kernels' view of one layout: int32 ``(B, L)`` metadata on the device, made once per
+    forward (:meth:`CudaBackend.prepare`) and shared by every layer."""
+
+    q_step: Tensor
+    q_doc: Tensor
+    k_step: Tensor
+    k_doc: Tensor
+    q_pos: Optional[Tensor]  # None without a bias
+    k_pos: Optional[Tensor]
+    max_distance: int
+
+
+def prepare_metadata(step: Tensor, doc_ids: Optional[Tensor], position_bias: Optional[RelativePositionBias],
+                     q_step: Optional[Tensor], q_doc_ids: Optional[Tensor], num_heads: int, num_queries: int,
+                     device: torch.device) -> Metadata:
+    """Validate a layout for the kernels and convert it once (shapes as in :func:`cuda_pseudo_mask_attention`)."""
+    B, Lk = step.shape if step.dim() == 2 else (None, None)
+    if B is None:
+        raise ValueError(f"step must have shape (B, Lk); got {tuple(step.shape)}")
+    if q_step is None and num_queries != Lk:
+        raise ValueError(f"queries ({num_queries}) and keys ({Lk}) differ in length: pass q_step (and q_doc_ids)")
+    qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
+    ks, kd = _meta("step", ks, (B, Lk), device), _meta("doc_ids", kd, (B, Lk), device)
+    qs, qd = _meta("q_step", qs, (B, num_queries), device), _meta("q_doc_ids", qd, (B, num_queries), device)
+    if position_bias is None:
+        return Metadata(qs, qd, ks, kd, None, None, 1)
+    table = position_bias.table
+    if table.dim() != 2 or table.shape[0] != num_heads:
+        raise ValueError(f"bias table has shape {tuple(table.shape)}; expected (H={num_heads}, num_buckets)")
+    if not 2 <= table.shape[1] <= 1024 or table.shape[1] % 2:
+        raise ValueError(f"bias table has {table.shape[1]} buckets; expected an even number in [2, 1024]")
+    max_distance = int(position_bias.max_distance)
+    if max_distance < 1:
+        raise ValueError(f"position_bias.max_distance={max_distance}: expected >= 1")
+    k_pos = _meta("position_ids", position_bias.position_ids, (B, Lk), device)
+    if position_bias.q_position_ids is None:
+        if num_queries != Lk:
+            raise ValueError("position_bias.q_position_ids is required when queries and keys differ in length")
+        q_pos = k_pos
+    else:
+        q_pos = _meta("q_position_ids", position_bias.q_position_ids, (B, num_queries), device)
+    return Metadata(qs, qd, ks, kd, q_pos, k_pos, max_distance)
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, meta: Metadata, table: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    """Check q, k, v against the kernels' limits and call the op; returns ``(out, lse)``."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q (B, H, Lq, D) and k, v (B, H, Lk, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: expected one dtype among "
+                        f"{[str(d) for d in SUPPORTED_DTYPES]}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v are on {q.device}, {k.device}, {v.device}: put them on one device")
+    want = "cpu" if emulated() else "cuda"
+    if q.device.type != want:
+        raise ValueError(f"the cuda backend {'emulated on the CPU' if emulated() else 'on a GPU'} needs {want} "
+                         f"tensors, got {q.device}" + ("" if emulated() else f" (or set {EMULATE_ENV}=1)"))
+    B, H, Lq, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim={D} is not supported by the cuda backend: use one of {SUPPORTED_HEAD_DIMS} "
+                         "or the 'triton'/'sdpa' backends")
+    if B * H > 65535:
+        raise ValueError(f"batch * heads = {B * H} exceeds the kernels' grid limit of 65535")
+    if table is not None:
+        table = table.to(device=q.device, dtype=torch.float32).contiguous()
+    return _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), meta.q_step, meta.q_doc, meta.k_step, meta.k_doc,
+                   meta.q_pos, meta.k_pos, table, scale, meta.max_distance)
 
 
 def cuda_pseudo_mask_attention(
@@ -330,56 +405,36 @@ def cuda_pseudo_mask_attention(
     Returns:
         ``out (B, H, Lq, D)`` in q's dtype (rows with no visible key are 0), and ``lse`` if asked.
     """
-    from pmlm_engine.kernels.tile_stats import resolve_layout
-
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected q (B, H, Lq, D) and k, v (B, H, Lk, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: expected one dtype among "
-                        f"{[str(d) for d in SUPPORTED_DTYPES]}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v are on {q.device}, {k.device}, {v.device}: put them on one device")
-    want = "cpu" if emulated() else "cuda"
-    if q.device.type != want:
-        raise ValueError(f"the cuda backend {'emulated on the CPU' if emulated() else 'on a GPU'} needs {want} "
-                         f"tensors, got {q.device}" + ("" if emulated() else f" (or set {EMULATE_ENV}=1)"))
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim={D} is not supported by the cuda backend: use one of {SUPPORTED_HEAD_DIMS} "
-                         "or the 'triton'/'sdpa' backends")
-    if B * H > 65535:
-        raise ValueError(f"batch * heads = {B * H} exceeds the kernels' grid limit of 65535")
-    if q_step is None and Lq != Lk:
-        raise ValueError(f"queries ({Lq}) and keys ({Lk}) differ in length: pass q_step (and q_doc_ids)")
-    qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
-    ks, kd = _meta("step", ks, (B, Lk), q.device), _meta("doc_ids", kd, (B, Lk), q.device)
-    qs, qd = _meta("q_step", qs, (B, Lq), q.device), _meta("q_doc_ids", qd, (B, Lq), q.device)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-
-    q_pos = k_pos = table = None
-    max_distance = 1
-    if position_bias is not None:
-        table = position_bias.table
-        if table.dim() != 2 or table.shape[0] != H:
-            raise ValueError(f"bias table has shape {tuple(table.shape)}; expected (H={H}, num_buckets)")
-        if not 2 <= table.shape[1] <= 1024 or table.shape[1] % 2:
-            raise ValueError(f"bias table has {table.shape[1]} buckets; expected an even number in [2, 1024]")
-        max_distance = int(position_bias.max_distance)
-        if max_distance < 1:
-            raise ValueError(f"position_bias.max_distance={max_distance}: expected >= 1")
-        k_pos = _meta("position_ids", position_bias.position_ids, (B, Lk), q.device)
-        if position_bias.q_position_ids is None:
-            if Lq != Lk:
-                raise ValueError("position_bias.q_position_ids is required when queries and keys differ in length")
-            q_pos = k_pos
-        else:
-            q_pos = _meta("q_position_ids", position_bias.q_position_ids, (B, Lq), q.device)
-        table = table.to(device=q.device, dtype=torch.float32).contiguous()
-    out, lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), qs, qd, ks, kd, q_pos, k_pos, table, scale,
-                       max_distance)
+    if q.dim() != 4:
+        raise ValueError(f"expected q (B, H, Lq, D); got {tuple(q.shape)}")
+    meta = prepare_metadata(step, doc_ids, position_bias, q_step, q_doc_ids, q.shape[1], q.shape[2], q.device)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    out, lse = _run(q, k, v, meta, None if position_bias is None else position_bias.table, scale)
     return (out, lse) if return_lse else out
+
+
+class CudaBackend:
+    """The ``cuda`` attention backend (``pmlm_engine.attention`` registers :data:`BACKEND`)."""
+
+    name = "cuda"
+
+    def unavailable(self) -> Optional[str]:
+        return unavailable()
+
+    def prepare(self, layout: AttentionLayout) -> Metadata:
+        """The int32 metadata of the layout on its device, once per forward."""
+        return prepare_metadata(layout.step, layout.doc_ids, layout.bias, layout.q_step, layout.q_doc_ids,
+                                layout.num_heads, layout.num_queries, layout.step.device)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, scale: float) -> Tensor:
+        if layout.dropout_p > 0:
+            raise ValueError(f"dropout_p={layout.dropout_p}: the cuda backend does not implement attention dropout; "
+                             "use backend='sdpa' (or 'auto', which picks it) or set attention_dropout=0")
+        out, _ = _run(q, k, v, layout.prepared, None if layout.bias is None else layout.bias.table, scale)
+        return out
+
+
+BACKEND = CudaBackend()
 
 
 def tile_sizes(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int]]:
@@ -395,29 +450,12 @@ def tile_sizes(head_dim: int, dtype: torch.dtype) -> dict[str, tuple[int, int]]:
             for i, name in enumerate(("fwd", "bwd_dkdv", "bwd_dq"))}
 
 
-def exact_tile_classes(mask: Tensor, block_m: int, block_n: int) -> Tensor:
-    """``(B, nQ, nK)`` EMPTY / PARTIAL / FULL of a dense ``(B, Lq, Lk)`` mask, exactly as the CUDA
-    kernels classify (``classify_tile``; rows and columns past the end count as padding)."""
-    from pmlm_engine.kernels.tile_stats import EMPTY, FULL, PARTIAL
-
-    B, Lq, Lk = mask.shape
-    nq, nk = -(-Lq // block_m), -(-Lk // block_n)
-    padded = mask.new_zeros((B, nq * block_m, nk * block_n))
-    padded[:, :Lq, :Lk] = mask
-    tiles = padded.view(B, nq, block_m, nk, block_n)
-    any_visible, all_visible = tiles.any(dim=4).any(dim=2), tiles.all(dim=4).all(dim=2)
-    classes = torch.full((B, nq, nk), EMPTY, dtype=torch.int8)
-    classes[any_visible] = PARTIAL
-    classes[all_visible] = FULL
-    return classes
-
-
 def flop_model(step: Tensor, doc_ids: Optional[Tensor] = None, head_dim: int = 64,
                dtype: torch.dtype = torch.bfloat16, *, q_step: Optional[Tensor] = None,
                q_doc_ids: Optional[Tensor] = None) -> dict[str, dict[str, float]]:
     """Work and traffic model of the CUDA kernels on a layout, per pass.
 
-    For each pass: tile counts (exact classes at the kernels' tile sizes), ``computed_fraction``
+    For each pass: tile counts (exact classes, as ``classify_tile`` finds them, at the kernels' tile sizes), ``computed_fraction``
     (partial + full tiles over dense tiles), matmul FLOPs of the computed tiles (forward: QK^T and
     PV; dK/dV: S^T, dP^T, dV, dK; dQ: S, dP, dQ; ``2 * BM * BN * D`` each) and the global-memory
     bytes they stream (per computed tile, the moving operands: K, V for the forward and dQ; Q,
@@ -426,8 +464,7 @@ def flop_model(step: Tensor, doc_ids: Optional[Tensor] = None, head_dim: int = 6
     byte of one computed tile's streamed operands) and ``overall_intensity`` (all FLOPs over all
     bytes). Per head; multiply FLOPs and bytes by the number of heads.
     """
-    from pmlm_engine.attention import dense_pseudo_mask
-    from pmlm_engine.kernels.tile_stats import EMPTY, FULL, PARTIAL, resolve_layout
+    from pmlm_engine.kernels.tile_stats import EMPTY, FULL, PARTIAL, tile_classes
 
     qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
     mask = dense_pseudo_mask(ks, kd, q_step=qs, q_doc_ids=qd)
@@ -437,7 +474,7 @@ def flop_model(step: Tensor, doc_ids: Optional[Tensor] = None, head_dim: int = 6
     out: dict[str, dict[str, float]] = {}
     for name, (bm, bn) in tile_sizes(head_dim, dtype).items():
         key_major = name == "bwd_dkdv"
-        classes = exact_tile_classes(mask, bm, bn)
+        classes = tile_classes(qs, qd, ks, kd, bm, bn, visible=mask)  # exact, as the kernels classify
         counts = torch.bincount(classes.flatten().long(), minlength=3).tolist()
         computed = counts[PARTIAL] + counts[FULL]
         nq, nk = classes.shape[1], classes.shape[2]
@@ -460,17 +497,5 @@ def flop_model(step: Tensor, doc_ids: Optional[Tensor] = None, head_dim: int = 6
     return out
 
 
-def _backend(q: Tensor, k: Tensor, v: Tensor, step: Tensor, doc_ids: Optional[Tensor],
-             bias: Optional[RelativePositionBias], scale: float, dropout_p: float, q_step: Optional[Tensor],
-             q_doc_ids: Optional[Tensor]) -> Tensor:
-    """``pmlm_engine.attention`` backend signature."""
-    if dropout_p > 0:
-        raise ValueError(f"dropout_p={dropout_p}: the cuda backend does not implement attention dropout; "
-                         "use backend='sdpa' (or 'auto', which picks it) or set attention_dropout=0")
-    return cuda_pseudo_mask_attention(q, k, v, step, doc_ids, bias, q_step=q_step, q_doc_ids=q_doc_ids, scale=scale)
-
-
-register_backend("cuda", _backend, unavailable)
-
-__all__ = ["EMULATE_ENV", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "cuda_pseudo_mask_attention", "emulated",
-           "exact_tile_classes", "flop_model", "tile_sizes", "unavailable"]
+__all__ = ["BACKEND", "EMULATE_ENV", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "CudaBackend", "Metadata",
+           "cuda_pseudo_mask_attention", "emulated", "flop_model", "prepare_metadata", "tile_sizes", "unavailable"]
