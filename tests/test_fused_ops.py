@@ -74,3 +74,12 @@ def test_pypi_apex_is_not_nvidia_apex(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(fused_ops.importlib, "import_module", fake)
     assert fused_ops.apex_available() is False
+
+
+def test_optimizer_flag_sets_the_config():
+    """``--optimizer lamb`` reaches ``optim.optimizer``; the default stays adamw."""
+    from pmlm_engine.train import parse_args
+
+    cfg, _ = parse_args(["--optimizer", "lamb"])
+    assert cfg.optim.optimizer == "lamb"
+    assert parse_args([])[0].optim.optimizer == "adamw"
