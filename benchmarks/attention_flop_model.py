@@ -1,8 +1,8 @@
 """FLOP and byte model of the two fused pseudo-mask attention kernels on real layouts.
 
-Nothing runs on a GPU: this counts, for the Triton kernel (``pmlm_engine.kernels``, conservative
-summary-based tile classes at its default fp16/bf16 tiles) and the CUDA kernel
-(``pmlm_engine.cuda_attention``, exact per-pair classes at its bf16 tiles), how many
+Nothing runs on a GPU: this counts, for the Triton kernel (``pmlm_engine.kernels``, at its default
+fp16/bf16 tiles) and the CUDA kernel (``pmlm_engine.cuda_attention``, at its bf16 tiles), both with
+exact tile classes, how many
 (query tile, key tile) pairs each pass computes against the dense count, the matmul FLOPs of the
 computed tiles, the bytes they stream from global memory, and the arithmetic intensity
 (FLOP per byte) of one computed tile and of the whole pass. Per attention head.
