@@ -83,3 +83,33 @@ def test_optimizer_flag_sets_the_config():
     cfg, _ = parse_args(["--optimizer", "lamb"])
     assert cfg.optim.optimizer == "lamb"
     assert parse_args([])[0].optim.optimizer == "adamw"
+
+
+def test_apex_wiring_with_a_stand_in(monkeypatch: pytest.MonkeyPatch):
+    """With (a stand-in for) NVIDIA apex on CUDA: the optimizer is apex's FusedAdam in AdamW mode
+    with the config's hyper-parameters, and every nn.LayerNorm is swapped for FusedLayerNorm with
+    the same parameter names and values (so checkpoints do not change)."""
+    import sys
+    import types
+
+    class FusedAdam(torch.optim.AdamW):
+        def __init__(self, params, adam_w_mode: bool, **kw):
+            assert adam_w_mode
+            super().__init__(params, **kw)
+
+    class FusedLayerNorm(torch.nn.LayerNorm):
+        pass
+
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.optimizers", types.SimpleNamespace(FusedAdam=FusedAdam))
+    monkeypatch.setitem(sys.modules, "apex.normalization", types.SimpleNamespace(FusedLayerNorm=FusedLayerNorm))
+    assert fused_ops.apex_available()
+    model = tiny_model(torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_norms = sum(type(m) is torch.nn.LayerNorm for m in model.modules())
+    assert fused_ops.fuse_layer_norms(model, "cuda") == "apex.normalization.FusedLayerNorm"
+    assert sum(type(m) is FusedLayerNorm for m in model.modules()) == n_norms > 0
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    opt = build_optimizer(model, OptimConfig(lr=2e-4), device_type="cuda")
+    assert type(opt) is FusedAdam and opt.defaults["lr"] == 2e-4
