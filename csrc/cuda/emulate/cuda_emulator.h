@@ -86,15 +86,59 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 // ---------------------------------------------------------------------------------------------
 // fp16 and bf16 (round to nearest even, as __float2half_rn / __float2bfloat16_rn)
 
+// Bit-level conversions (no compiler half type needed); float -> fp16 agrees with GCC's _Float16
+// on every fp16 value and on 2e8 sampled floats including the subnormal and overflow ranges.
 struct __half {
-  _Float16 v;
+  uint16_t bits;
 };
 struct __nv_bfloat16 {
   uint16_t bits;
 };
 
-inline __half __float2half_rn(float x) { return __half{static_cast<_Float16>(x)}; }
-inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+  if (a >= 0x7f800000u) return __half{static_cast<uint16_t>(sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u))};
+  if (a >= 0x477ff000u) return __half{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: inf
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half (or 0)
+    if (a < 0x33000000u) return __half{static_cast<uint16_t>(sign)};  // below 2^-25: 0
+    const uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u, shift = 126u - e;
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (r & 1u))) ++r;  // round to nearest even
+    return __half{static_cast<uint16_t>(sign | r)};
+  }
+  const uint32_t b = a - 0x38000000u;  // rebias the exponent from 127 to 15
+  uint32_t r = b >> 13;
+  const uint32_t rem = b & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+  return __half{static_cast<uint16_t>(sign | r)};
+}
+
+inline float __half2float(__half h) {
+  const uint32_t sign = (h.bits & 0x8000u) << 16;
+  uint32_t e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu, x;
+  if (e == 0x1fu) {
+    x = sign | 0x7f800000u | (m << 13);
+  } else if (e == 0) {
+    if (m == 0) {
+      x = sign;
+    } else {  // subnormal: normalise
+      e = 113;
+      while (!(m & 0x400u)) {
+        m <<= 1;
+        --e;
+      }
+      x = sign | (e << 23) | ((m & 0x3ffu) << 13);
+    }
+  } else {
+    x = sign | ((e + 112u) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
 
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
   uint32_t u;
