@@ -1,7 +1,7 @@
 """GPU readiness of the CUDA sources in ``csrc/cuda/``, checked by compilation only.
 
-No test here runs a kernel: the dev machines have no GPU. ``csrc/cuda/check.sh`` compiles every
-``.cu`` for sm_80 and sm_90 with ``nvcc -cubin -Xptxas -v`` and reports registers, spills and
+No test here runs a kernel (``tests/test_cuda_attention.py`` runs them under the CPU emulator).
+``csrc/cuda/check.sh`` compiles every ``.cu`` for sm_80 and sm_90 with ``nvcc -cubin -Xptxas -v`` and reports registers, spills and
 shared memory per kernel, plus a host object for the ``extern "C"`` launcher. Skipped when
 ``nvcc`` is not on PATH.
 """
