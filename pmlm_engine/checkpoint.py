@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
-from torch import Tensor
-
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from .config import ModelConfig, from_dict, to_dict
 from .errors import DamagedInputError, NonFiniteError
