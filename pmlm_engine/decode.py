@@ -53,8 +53,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .errors import EnvironmentUnavailableError, run_cli
 from .layout import SpecialIds
 from .model import KVCache, PMLMModel
+from .outputs import check_output_file, json_safe
 
 log = logging.getLogger("pmlm_engine.decode")
 
@@ -399,7 +401,24 @@ def token_ids(tokenizer: Any, tokens: Iterable[str]) -> tuple[int, ...]:
     return tuple(tokenizer.token_to_id(t) for t in tokens)
 
 
+def check_device(spec: str) -> torch.device:
+    """``--device`` as a torch device; a CUDA device on a torch without CUDA is refused by name."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec!r} is not a torch device: use cpu or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentUnavailableError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA device; "
+                                          f"use --device cpu")
+    return device
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pmlm_engine.decode``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder (pmlm_engine.finetune's final/)")
@@ -428,32 +447,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.error(f"--threads {args.threads}: expected a positive number")
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        from .checkpoint import load_model, read_config
-        from .finetune import resolve_tokenizer
-        from .s2s_data import load_pair_spec, write_jsonl
-        from .tokenizer import load_tokenizer
+    from .checkpoint import load_model, read_config
+    from .finetune import resolve_tokenizer
+    from .s2s_data import load_pair_spec, write_jsonl
+    from .tokenizer import load_tokenizer
 
-        meta = read_config(args.model)
-        ft = meta.get("finetune", {})
-        tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, meta.get("tokenizer")))
-        model = load_model(args.model, attention_backend=args.attention_backend).to(args.device).eval()
-        if tokenizer.vocab_size != model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}: "
-                             "pass the tokenizer the model was fine-tuned with (--tokenizer)")
-        cfg = DecodeConfig(beam_size=args.beam, max_len=args.max_len or ft.get("max_tgt_len", 48),
-                           min_len=args.min_len, length_penalty=args.length_penalty,
-                           no_repeat_ngram_size=args.no_repeat_ngram,
-                           ngram_ignore=token_ids(tokenizer, args.ngram_ignore))
-        max_src = args.max_src_len or ft.get("max_src_len", 464)
-        records = load_pair_spec(args.input, default_split="test", require_tgt=False)
-        log.info("decoding %d inputs with %s (max_src_len %d)", len(records), cfg, max_src)
-        rows, stats = decode_records(model, tokenizer, records, cfg, max_src, args.batch_size)
-        write_jsonl(rows, args.output)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"output": args.output, **stats, "config": dataclasses.asdict(cfg)}, indent=2))
+    for flag, value in (("--batch-size", args.batch_size), ("--max-len", args.max_len),
+                        ("--max-src-len", args.max_src_len)):
+        if value is not None and value < 1:  # 0 is not "the default", and -2 would decode nothing
+            raise ValueError(f"{flag} {value} is invalid: expected a positive number")
+    check_device(args.device)
+    check_output_file(args.output, inputs=[args.input, args.model])  # before any work
+    meta = read_config(args.model)
+    ft = meta.get("finetune", {})
+    tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, meta.get("tokenizer")))
+    model = load_model(args.model, attention_backend=args.attention_backend).to(args.device).eval()
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}: "
+                         "pass the tokenizer the model was fine-tuned with (--tokenizer)")
+    if args.beam > tokenizer.vocab_size:
+        raise ValueError(f"--beam {args.beam} exceeds the vocabulary ({tokenizer.vocab_size} tokens): a beam can "
+                         f"hold at most one hypothesis per token; use a smaller --beam (4-10 is usual)")
+    cfg = DecodeConfig(beam_size=args.beam, max_len=args.max_len or ft.get("max_tgt_len", 48),
+                       min_len=args.min_len, length_penalty=args.length_penalty,
+                       no_repeat_ngram_size=args.no_repeat_ngram,
+                       ngram_ignore=token_ids(tokenizer, args.ngram_ignore))
+    max_src = args.max_src_len or ft.get("max_src_len", 464)
+    records = load_pair_spec(args.input, default_split="test", require_tgt=False)
+    log.info("decoding %d inputs with %s (max_src_len %d)", len(records), cfg, max_src)
+    rows, stats = decode_records(model, tokenizer, records, cfg, max_src, args.batch_size)
+    write_jsonl(rows, args.output)
+    print(json.dumps(json_safe({"output": args.output, **stats, "config": dataclasses.asdict(cfg)}), indent=2))
     return 0
 
 

@@ -38,6 +38,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .errors import run_cli
+from .outputs import atomic_file, check_output_file, json_safe
+
 log = logging.getLogger("pmlm_engine.evaluate")
 
 _SENT_END = re.compile(r"(?<=[.!?])\s+")
@@ -198,6 +201,11 @@ def markdown(rows: Sequence[Scores]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pmlm_engine.evaluate``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", nargs="*", default=[], help="prediction files (JSONL from decode, or plain text)")
@@ -208,27 +216,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", default=None, help="write the scores as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if not args.pred and not args.lead:
-            raise ValueError("nothing to score: give --pred FILE and/or --lead N")
-        refs = read_references(args.ref)
-        rows = []
-        for f in args.pred:
-            rows.append(score(align(read_predictions(f), refs), refs.texts, Path(f).name, not args.cased_bleu))
-        for n in args.lead:
-            if refs.sources is None:
-                raise ValueError(f"--lead needs sources: {args.ref} has no \"src\" field")
-            if n < 1:
-                raise ValueError(f"--lead {n}: expected a positive number of words")
-            rows.append(score([lead(s, n) for s in refs.sources], refs.texts, f"lead-{n}", not args.cased_bleu))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if not args.pred and not args.lead:
+        raise ValueError("nothing to score: give --pred FILE and/or --lead N")
+    if args.output:  # before any work: not a folder, not one of the inputs
+        check_output_file(args.output, inputs=[args.ref, *args.pred])
+    refs = read_references(args.ref)
+    rows = []
+    for f in args.pred:
+        rows.append(score(align(read_predictions(f), refs), refs.texts, Path(f).name, not args.cased_bleu))
+    for n in args.lead:
+        if refs.sources is None:
+            raise ValueError(f"--lead needs sources: {args.ref} has no \"src\" field")
+        if n < 1:
+            raise ValueError(f"--lead {n}: expected a positive number of words")
+        rows.append(score([lead(s, n) for s in refs.sources], refs.texts, f"lead-{n}", not args.cased_bleu))
     print(markdown(rows))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"references": args.ref, "scores": [asdict(r) for r in rows]},
-                                                indent=2))
+        with atomic_file(args.output) as fh:
+            fh.write(json.dumps(json_safe({"references": args.ref, "scores": [asdict(r) for r in rows]}), indent=2,
+                                allow_nan=False))
     return 0
 
 

@@ -13,12 +13,13 @@ never destroy an input or a folder the program did not write, and leave nothing 
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .errors import OutputRefusedError
 from .manifest import has_manifest
@@ -103,3 +104,15 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / inf float replaced by None, so ``json.dumps`` writes valid JSON
+    (Python's default ``NaN`` / ``Infinity`` tokens are not JSON and break other readers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

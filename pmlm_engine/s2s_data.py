@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .errors import run_cli
-from .outputs import atomic_file, check_output_file
+from .outputs import atomic_file, check_output_file, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +257,11 @@ def encode_pairs(records: Sequence[PairRecord], tokenizer: Any, max_src_len: int
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write rows as JSONL through a temporary file renamed into place."""
+    """Write rows as JSONL through a temporary file renamed into place (removed on failure)."""
     path = Path(path)
     with atomic_file(check_output_file(path)) as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for row in rows:  # non-finite numbers (a -inf score) become null: the file stays valid JSON
+            f.write(json.dumps(json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 
