@@ -22,8 +22,15 @@ import torch
 
 from pmlm_engine.checkpoint import load_model, save_model
 from pmlm_engine.config import ModelConfig
-from pmlm_engine.errors import (EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_INPUT_DAMAGED, EXIT_INPUT_MISSING,
-                                EXIT_OUTPUT_REFUSED, EXIT_USAGE, run_cli)
+from pmlm_engine.errors import (
+    EXIT_DIVERGED,
+    EXIT_ENVIRONMENT,
+    EXIT_INPUT_DAMAGED,
+    EXIT_INPUT_MISSING,
+    EXIT_OUTPUT_REFUSED,
+    EXIT_USAGE,
+    run_cli,
+)
 from pmlm_engine.lock import FolderLock
 from pmlm_engine.manifest import MANIFEST, find_damage
 from pmlm_engine.model import PMLMModel
