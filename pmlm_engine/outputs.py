@@ -13,6 +13,8 @@ never destroy an input or a folder the program did not write, and leave nothing 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import tempfile
@@ -21,8 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputRefusedError
+from .errors import DamagedInputError, OutputRefusedError
 from .manifest import has_manifest
+
+log = logging.getLogger(__name__)
 
 OVERWRITE_HINT = "pass --overwrite to write into it (files there that the program does not write are kept)"
 
@@ -116,3 +120,39 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def read_jsonl_repairing(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a JSONL log this program appends to (``metrics.jsonl``), repairing a torn tail.
+
+    A crash mid-write can leave the last line incomplete: it is cut back to the last complete
+    row, with a warning naming the file. A bad line anywhere else is not a torn write but damage:
+    :class:`pmlm_engine.errors.DamagedInputError` names the file and line.
+    """
+    p = Path(path)
+    raw = p.read_bytes()
+    lines = raw.split(b"\n")
+    rows: list[dict[str, Any]] = []
+    good_bytes = 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good_bytes += len(line) + (1 if i < len(lines) - 1 else 0)
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise DamagedInputError(f"{p}:{i + 1} is not a JSON object ({exc}): the file is damaged; fix or "
+                                        f"remove that line") from None
+            log.warning("%s: the last line (%d) is incomplete (a crash mid-write): cut back "
+                                                "to the last complete row", p, i + 1)
+            with open(p, "r+b") as fh:
+                fh.truncate(good_bytes)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return rows
+        rows.append(row)
+        good_bytes += len(line) + (1 if i < len(lines) - 1 else 0)
+    return rows
