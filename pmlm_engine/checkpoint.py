@@ -322,12 +322,18 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         self.barrier()
-        write(self.root, tmp_tag)
-        self.barrier()
+        try:
+            write(self.root, tmp_tag)
+            self.barrier()
+            if self.is_main:
+                (tmp / STATE).write_text(json.dumps(dict(state), indent=2))
+                write_manifest(tmp)  # last: a folder with a verifying manifest is complete
+                _fsync_tree(tmp)
+        except BaseException:  # disk full, a kill signal turned exception, a bug: leave no partial folder
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if self.is_main:
-            (tmp / STATE).write_text(json.dumps(dict(state), indent=2))
-            write_manifest(tmp)  # last: a folder with a verifying manifest is complete
-            _fsync_tree(tmp)
             if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
                 old = self.root / f".old-{tag}-{os.getpid()}"
                 os.replace(final, old)
