@@ -21,11 +21,32 @@ import logging
 import math
 import statistics
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NonFiniteError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GuardConfig:
+    """What counts as a diverged run (not part of the job's trajectory: changing it never blocks a resume)."""
+
+    max_nonfinite_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient norm (each one skipped) before the run stops."""
+    spike_factor: float = 10.0
+    """A loss above this many times the running median of the last ``window`` steps logs a warning."""
+    window: int = 50
+    """Steps in the running median of the loss."""
+
+    def __post_init__(self) -> None:
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps={self.max_nonfinite_steps} is invalid: expected >= 1")
+        if not math.isfinite(self.spike_factor) or self.spike_factor <= 1:
+            raise ValueError(f"spike_factor={self.spike_factor} is invalid: expected a finite number > 1")
+        if self.window < 5:
+            raise ValueError(f"window={self.window} is invalid: expected >= 5 steps")
 
 
 def precision_hint(precision: str) -> str:
@@ -41,16 +62,13 @@ class FiniteGuard:
     """Per-step bookkeeping of non-finite steps and loss spikes (rank-independent: feed it the
     globally reduced loss and gradient norm so that every rank decides the same)."""
 
-    def __init__(self, precision: str, max_nonfinite_steps: int = 3, spike_factor: float = 10.0,
-                 window: int = 50) -> None:
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps={max_nonfinite_steps} is invalid: expected >= 1")
+    def __init__(self, precision: str, cfg: GuardConfig | None = None) -> None:
+        cfg = cfg or GuardConfig()
         self.precision = precision
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.spike_factor = spike_factor
-        self.recent: deque[float] = deque(maxlen=window)
+        self.max_nonfinite_steps = cfg.max_nonfinite_steps
+        self.spike_factor = cfg.spike_factor
+        self.recent: deque[float] = deque(maxlen=cfg.window)
         self.consecutive = 0
-        self.skipped_total = 0
 
     def after_step(self, step: int, loss: float, grad_norm: float | None, skipped: bool,
                    last_good: str | Path | None) -> None:
@@ -63,25 +81,29 @@ class FiniteGuard:
             last_good: the newest checkpoint, named in the error.
         """
         finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
-        if finite and not skipped:
+        if finite:
+            if not skipped:  # (a skipped finite step is an fp16 overflow: the loss scaler's business)
+                self._track(step, loss)
             self.consecutive = 0
-            if len(self.recent) >= 5:
-                median = statistics.median(self.recent)
-                if median > 0 and loss > self.spike_factor * median:
-                    log.warning("loss spike at step %d: %.4g is %.0fx the running median %.4g of the last %d steps",
-                                step, loss, loss / median, median, len(self.recent))
-            self.recent.append(loss)
-            return
-        if finite:  # an fp16 overflow skip with finite values: the loss scaler's business
             return
         self.consecutive += 1
-        self.skipped_total += 1
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-        if self.consecutive >= self.max_nonfinite_steps:
+        applied = not skipped  # DeepSpeed without an overflow check applied it: the weights are not finite now
+        if applied or self.consecutive >= self.max_nonfinite_steps:
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+            why = (f"{self.consecutive} consecutive non-finite steps ({what}; limit guard.max_nonfinite_steps="
+                   f"{self.max_nonfinite_steps})" if not applied else
+                   f"{what}, and this engine applied the update (it cannot skip one)")
             raise NonFiniteError(
-                f"training diverged at step {step}: {self.consecutive} consecutive non-finite steps ({what}; limit "
-                f"max_nonfinite_steps={self.max_nonfinite_steps}); nothing non-finite was saved and {where}: "
+                f"training diverged at step {step}: {why}; nothing non-finite was saved and {where}: "
                 f"{precision_hint(self.precision)}" + (f", then resume with --resume {last_good}" if last_good else ""))
         log.warning("step %d: %s is not finite: update skipped (%d in a row; the run stops at %d)", step, what,
                     self.consecutive, self.max_nonfinite_steps)
+
+    def _track(self, step: int, loss: float) -> None:
+        if len(self.recent) >= 5:
+            median = statistics.median(self.recent)
+            if median > 0 and loss > self.spike_factor * median:
+                log.warning("loss spike at step %d: %.4g is %.0fx the running median %.4g of the last %d steps",
+                            step, loss, loss / median, median, len(self.recent))
+        self.recent.append(loss)

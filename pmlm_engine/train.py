@@ -27,6 +27,7 @@ launcher's form), hence its absolute imports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -40,12 +41,27 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from pmlm_engine.checkpoint import CheckpointManager, load_model, save_state
+from pmlm_engine.checkpoint import CheckpointManager, check_finite, load_model, save_state
 from pmlm_engine.config import ModelConfig
 from pmlm_engine.data import PretrainData
-from pmlm_engine.engine import (DistEnv, all_reduce_sum, barrier, build_deepspeed_config, build_engine,
-                                check_attention, check_world, dist_env, init_distributed, shutdown, target_counts)
+from pmlm_engine.engine import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    build_deepspeed_config,
+    build_engine,
+    check_attention,
+    check_world,
+    dist_env,
+    init_distributed,
+    shutdown,
+    target_counts,
+)
+from pmlm_engine.errors import NonFiniteError, OutputRefusedError, run_cli
+from pmlm_engine.guard import FiniteGuard
+from pmlm_engine.lock import FolderLock
 from pmlm_engine.model import PMLMModel
+from pmlm_engine.outputs import json_safe, read_jsonl_repairing
 from pmlm_engine.rng import derive_seed
 from pmlm_engine.train_config import SHAPE_FIELDS, TrainConfig, load_config, to_dict
 
@@ -116,13 +132,15 @@ class Prepared:
     resume_from: Optional[Path]
     tokenizer_sha: str
     data: Optional[PretrainData] = None
+    last_saved: Optional[Path] = None
+    """The newest checkpoint of this job (named when the run must stop)."""
 
 
 def trajectory(cfg_dict: dict[str, Any], world_size: int, engine: str, precision: str) -> dict[str, Any]:
     """The configuration fields that decide the loss curve (a resumed run must match them)."""
     d = json.loads(json.dumps(cfg_dict))
     d["precision"] = precision  # resolved: "auto" may mean different things on different machines
-    for key in ("checkpoint", "logging", "out", "init_from", "global_batch_size", "engine", "threads"):
+    for key in ("checkpoint", "logging", "out", "init_from", "global_batch_size", "engine", "threads", "guard"):
         d.pop(key, None)
     d.get("data", {}).pop("cache_dir", None)
     d.get("data", {}).pop("tokenizer", None)  # its content is compared (sha256), not its path
@@ -145,12 +163,16 @@ def _choose_resume(cfg: TrainConfig, manager: CheckpointManager, env: DistEnv, e
                    tokenizer_sha: str) -> Optional[Path]:
     spec = cfg.checkpoint.resume
     if spec == "never":
-        if manager.tags():
-            raise ValueError(f"checkpoint.resume=never but {manager.root} already holds checkpoints {manager.tags()}: "
-                             f"choose another out / checkpoint.dir, delete them, or set checkpoint.resume=auto")
+        if manager.tags() and not cfg.checkpoint.overwrite:
+            raise OutputRefusedError(
+                f"checkpoint.resume=never but {manager.root} already holds checkpoints {manager.tags()} of another "
+                f"run: to start afresh over them (deleting them and metrics.jsonl) pass --resume never --overwrite; "
+                f"or choose another out, or --resume auto to continue")
+        _check_fresh_metrics(cfg)
         return None
-    folder = manager.latest() if spec == "auto" else Path(spec)
+    folder = manager.latest() if spec == "auto" else manager.verify(Path(spec))
     if folder is None:
+        _check_fresh_metrics(cfg)
         return None
     state = CheckpointManager.read_state(folder)
     saved = trajectory(state["config"], state["world_size"], state["engine"], state["precision"])
@@ -165,7 +187,15 @@ def _choose_resume(cfg: TrainConfig, manager: CheckpointManager, env: DistEnv, e
     return folder
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
+def _check_fresh_metrics(cfg: TrainConfig) -> None:
+    """A fresh start would empty metrics.jsonl: refuse when it holds rows, unless ``--overwrite``."""
+    path = Path(cfg.out) / METRICS
+    if not cfg.checkpoint.overwrite and path.is_file() and path.read_bytes().strip():
+        raise OutputRefusedError(f"{path} holds the metrics of an earlier run that left no checkpoint to resume: "
+                                 f"to start afresh over it pass --resume never --overwrite, or choose another out")
+
+
+def prepare(cfg: TrainConfig, resources: contextlib.ExitStack | None = None) -> Prepared:
     """Every check that can fail, before any training: world and batch sizes, DeepSpeed config,
     tokenizer vs model, resume compatibility; then the process group and the data."""
     env = dist_env()
@@ -194,7 +224,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
         except ImportError:
             raise ImportError("logging.tensorboard=true needs TensorBoard: pip install tensorboard "
                               "(or set logging.tensorboard=false)") from None
-    manager = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, env.is_main, barrier)
+    if env.is_main and resources is not None:  # from here on, this run owns out (a second one fails at once)
+        resources.enter_context(FolderLock(cfg.out))
+    manager = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, env.is_main, barrier, cfg.checkpoint.trust)
     tokenizer_sha = tokenizer_fingerprint(tokenizer)
     resume_from = _choose_resume(cfg, manager, env, engine, tokenizer_sha)
     if cfg.init_from and resume_from is None:
@@ -292,12 +324,11 @@ class Metrics:
         if not enabled:
             return
         if start_step and self.path.is_file():  # drop rows past the checkpoint we resume from
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            rows = [r for r in read_jsonl_repairing(self.path) if r.get("step", 0) <= start_step]
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(self.path)
-        elif not start_step:
+        elif not start_step:  # a fresh start; an earlier run's rows were refused or --overwrite given
             self.path.write_text("")
         self.file = self.path.open("a")
         if cfg.logging.tensorboard:
@@ -308,14 +339,14 @@ class Metrics:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(json_safe(row), allow_nan=False) + "\n")  # NaN/inf -> null: valid JSON
         self.file.flush()
         if self.writer is not None:
             step = row["step"]
             for key, tag in (("loss", "loss/total"), ("ae_loss", "loss/ae"), ("par_loss", "loss/par"),
                              ("lr", "optim/lr"), ("grad_norm", "optim/grad_norm"), ("loss_scale", "optim/loss_scale"),
                              ("tokens_per_s", "throughput/tokens_per_s"), ("step_time_s", "throughput/step_time_s")):
-                if row.get(key) is not None:
+                if row.get(key) is not None and math.isfinite(row[key]):
                     self.writer.add_scalar(tag, row[key], step)
 
     def close(self) -> None:
@@ -353,13 +384,25 @@ def plot_losses(metrics_file: Path, png: Path) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a pre-training job; return a summary (first/last loss, steps, where things are)."""
+    """Run (or resume) a pre-training job; return a summary (first/last loss, steps, where things are).
+
+    The output folder is locked for the whole run (:class:`pmlm_engine.lock.FolderLock`)."""
+    with contextlib.ExitStack() as resources:
+        return _train(cfg, resources)
+
+
+def _train(cfg: TrainConfig, resources: contextlib.ExitStack) -> dict[str, Any]:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    p = prepare(cfg)
+    p = prepare(cfg, resources)
     env, data = p.env, p.data
     out = Path(cfg.out)
+    if p.resume_from is None and cfg.checkpoint.resume == "never" and cfg.checkpoint.overwrite:
+        cleared = p.checkpoints.clear()  # --resume never --overwrite: the earlier run's checkpoints go
+        if cleared:
+            log.warning("--resume never --overwrite: deleted the earlier checkpoints %s in %s", cleared,
+                        p.checkpoints.root)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -389,6 +432,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"start_step": start, "stopped_by": None}
     history: list[float] = []
     window = _Window()
+    guard = FiniteGuard(cfg.resolved_precision(), cfg.guard)
+    p.last_saved = p.resume_from
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc="pre-train", unit="step", dynamic_ncols=True,
@@ -418,18 +463,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             all_reduce_sum(sums)
             ae_loss, par_loss = float(sums[0]) / n_ae, float(sums[1]) / n_par
             loss = w_ae * ae_loss + w_par * par_loss
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step + 1}: lower optim.lr, or use "
-                                         f"precision=fp32")
             done = step + 1
             tokens_seen += int(sums[2])
-            history.append(loss)
+            if math.isfinite(loss):
+                history.append(loss)
             window.add(loss, ae_loss, par_loss, int(sums[2]), time.perf_counter() - t0, stats)
             bar.update(1)
             if env.is_main and cfg.logging.progress:
                 bar.set_postfix(loss=f"{loss:.3f}", ae=f"{ae_loss:.3f}", par=f"{par_loss:.3f}",
                                 tok_s=f"{window.tokens / max(time.perf_counter() - t_window, 1e-9):.0f}", refresh=False)
             stopping = float(sums[3]) > 0
+            try:
+                guard.after_step(done, loss, stats.grad_norm, stats.skipped, p.last_saved)
+            except NonFiniteError:  # the run stops here: its last row is written first
+                metrics.write(window.row(done, time.perf_counter() - t_window, tokens_seen))
+                metrics.close()
+                raise
             if done % cfg.logging.every == 0 or done == cfg.steps or stopping:
                 elapsed = time.perf_counter() - t_window
                 metrics.write(window.row(done, elapsed, tokens_seen))
@@ -487,10 +536,17 @@ class _Window:
 
 
 def _save(engine: Any, p: Prepared, step: int, tokens: int) -> Path:
+    local = {name: t.detach() for name, t in engine.model.named_parameters()}
+    bad = torch.tensor([0.0 if all(bool(torch.isfinite(t).all()) for t in local.values()) else 1.0])
+    if float(all_reduce_sum(bad)) > 0:  # every rank decides the same; nothing non-finite is ever saved
+        check_finite(local, f"the model at step {step} (not saved; last good checkpoint: {p.last_saved})")
+        raise NonFiniteError(f"the model at step {step} holds non-finite values on some rank: not saved; the "
+                             f"last good checkpoint is {p.last_saved}")
     state = {"step": step, "tokens": tokens, "config": to_dict(p.cfg), "world_size": p.env.world_size,
              "engine": p.engine, "precision": p.cfg.resolved_precision(), "tokenizer_sha256": p.tokenizer_sha,
              "format": 1, "time": time.time()}
-    return p.checkpoints.save(step, engine.save, state)
+    p.last_saved = p.checkpoints.save(step, engine.save, state)
+    return p.last_saved
 
 
 def export(engine: Any, p: Prepared, path: Path) -> Path:
@@ -517,6 +573,8 @@ SHORTCUTS = {  # flag dest -> dotted config key
     "ds_config": "deepspeed.overrides", "init_from": "init_from", "out": "out", "seed": "data.seed",
     "resume": "checkpoint.resume", "max_docs": "data.max_docs", "attention_backend": "model.attention_backend",
     "log_every": "logging.every", "save_every": "checkpoint.every", "threads": "threads",
+    "overwrite": "checkpoint.overwrite", "trust_checkpoint": "checkpoint.trust",
+    "max_nonfinite_steps": "guard.max_nonfinite_steps",
 }
 
 
@@ -554,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="logging.every")
     g.add_argument("--save-every", type=int, help="checkpoint.every")
     g.add_argument("--threads", type=int, help="threads (torch intra-op threads; 0 = one per core)")
+    g.add_argument("--overwrite", action="store_const", const=True, default=None,
+                   help="checkpoint.overwrite: with --resume never, start afresh over an earlier run's checkpoints")
+    g.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_const", const=True, default=None,
+                   help="checkpoint.trust: resume from a folder without a manifest; let DeepSpeed unpickle it")
+    g.add_argument("--max-nonfinite-steps", type=int, help="guard.max_nonfinite_steps (consecutive skipped "
+                   "non-finite steps before the run stops)")
     # the DeepSpeed launcher passes --local_rank; the rank is read from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -566,6 +630,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI, inside the shared error boundary (:func:`pmlm_engine.errors.run_cli`: one line per
+    user-caused error, an exit code per class; ``--debug`` for tracebacks)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, args = parse_args(argv)
@@ -579,9 +649,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(shown, indent=2))
             return 0
         summary = train(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
     if dist_env().is_main and "first_loss" in summary:
