@@ -38,7 +38,6 @@ sentences still running.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -46,14 +45,13 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .errors import EnvironmentUnavailableError, run_cli
+from .errors import EnvironmentUnavailableError
 from .layout import SpecialIds
 from .model import KVCache, PMLMModel
 from .outputs import check_output_file, json_safe
@@ -372,7 +370,7 @@ def decode_records(model: PMLMModel, tokenizer: Any, records: Sequence[Any], cfg
 
     sources_only = [dataclasses.replace(r, tgt=None) for r in records]  # references play no part in decoding
     enc = encode_pairs(sources_only, tokenizer, max_src_len, max_tgt_len=2)
-    enc.stats.log("decoding inputs")
+    enc.stats.log("decoding inputs", targets=False)
     special = tokenizer.special_ids()
     order = sorted(range(len(enc.src)), key=lambda i: -len(enc.src[i]))
     results: list[Optional[dict[str, Any]]] = [None] * len(order)
@@ -402,83 +400,90 @@ def token_ids(tokenizer: Any, tokens: Iterable[str]) -> tuple[int, ...]:
 
 
 def check_device(spec: str) -> torch.device:
-    """``--device`` as a torch device; a CUDA device on a torch without CUDA is refused by name."""
+    """``device`` as a torch device; a CUDA device on a torch without CUDA is refused by name."""
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
-        raise ValueError(f"--device {spec!r} is not a torch device: use cpu or cuda:N") from None
+        raise ValueError(f"device={spec!r} is not a torch device: use cpu or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EnvironmentUnavailableError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA device; "
+        raise EnvironmentUnavailableError(f"device={spec}: this torch ({torch.__version__}) sees no CUDA device; "
                                           f"use --device cpu")
     return device
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m pmlm_engine.decode``, inside the shared error boundary."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: Optional[Sequence[str]]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pmlm_engine.decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (pmlm_engine.finetune's final/)")
-    p.add_argument("--input", required=True,
-                   help="JSONL with 'src' (and optional 'id'), or a built-in split such as news:test")
-    p.add_argument("--output", required=True, help="JSONL to write: {id, prediction, score, length} per input")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one recorded in the model folder)")
-    p.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy (default 1)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="most generated tokens incl. [SEP] (default: the fine-tuning max_tgt_len, else 48)")
-    p.add_argument("--min-len", type=int, default=0, help="[SEP] forbidden before this many tokens (default 0)")
-    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha (default 0: none)")
-    p.add_argument("--no-repeat-ngram", type=int, default=0, help="block repeated n-grams of this size (default off)")
-    p.add_argument("--ngram-ignore", nargs="*", default=[], metavar="TOKEN",
-                   help="vocabulary tokens whose n-grams are never blocked (s2s-ft used '.')")
-    p.add_argument("--max-src-len", type=int, default=None,
-                   help="source tokens kept (default: the fine-tuning max_src_len, else 464)")
-    p.add_argument("--batch-size", type=int, default=16, help="sources per batch (default 16)")
-    p.add_argument("--attention-backend", default="auto", help="auto | reference | sdpa | torch | triton")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, all cores; 1 is faster on a shared, busy machine)")
-    args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads {args.threads}: expected a positive number")
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .checkpoint import load_model, read_config
-    from .finetune import resolve_tokenizer
-    from .s2s_data import load_pair_spec, write_jsonl
+def _resolve_job(job: Any) -> tuple[Any, Any, DecodeConfig, int, int]:
+    """``(model folder meta, tokenizer, search config, max_src_len, max_tgt_len)`` of a
+    :class:`pmlm_engine.train_config.DecodeJobConfig`; lengths left at 0 come from the model's
+    fine-tuning configuration. Every check of a decoding run that needs no model weights."""
+    from .checkpoint import read_config
+    from .task import resolve_tokenizer
     from .tokenizer import load_tokenizer
 
-    for flag, value in (("--batch-size", args.batch_size), ("--max-len", args.max_len),
-                        ("--max-src-len", args.max_src_len)):
-        if value is not None and value < 1:  # 0 is not "the default", and -2 would decode nothing
-            raise ValueError(f"{flag} {value} is invalid: expected a positive number")
-    check_device(args.device)
-    check_output_file(args.output, inputs=[args.input, args.model])  # before any work
-    meta = read_config(args.model)
-    ft = meta.get("finetune", {})
-    tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, meta.get("tokenizer")))
-    model = load_model(args.model, attention_backend=args.attention_backend).to(args.device).eval()
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}: "
-                         "pass the tokenizer the model was fine-tuned with (--tokenizer)")
-    if args.beam > tokenizer.vocab_size:
-        raise ValueError(f"--beam {args.beam} exceeds the vocabulary ({tokenizer.vocab_size} tokens): a beam can "
-                         f"hold at most one hypothesis per token; use a smaller --beam (4-10 is usual)")
-    cfg = DecodeConfig(beam_size=args.beam, max_len=args.max_len or ft.get("max_tgt_len", 48),
-                       min_len=args.min_len, length_penalty=args.length_penalty,
-                       no_repeat_ngram_size=args.no_repeat_ngram,
-                       ngram_ignore=token_ids(tokenizer, args.ngram_ignore))
-    max_src = args.max_src_len or ft.get("max_src_len", 464)
-    records = load_pair_spec(args.input, default_split="test", require_tgt=False)
+    if not job.init:
+        raise ValueError("init is not set: name the model folder to decode with (--init runs/ft/final)")
+    check_device(job.device)
+    check_output_file(job.out, inputs=[job.data.corpus, job.init], what="out")  # before any work
+    meta = read_config(job.init)
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{job.init}/config.json has no 'model' section: {job.init} is not a model folder written "
+                         f"by pmlm_engine (import a Hugging Face folder first: python -m pmlm_engine.convert import)")
+    ft_data = meta.get("finetune", {}).get("data", meta.get("finetune", {}))  # nested since the config family
+    tokenizer = load_tokenizer(resolve_tokenizer(job.data.tokenizer, meta.get("tokenizer")))
+    if tokenizer.vocab_size != meta["model"]["vocab_size"]:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {meta['model']['vocab_size']}: "
+                         "set data.tokenizer (--tokenizer) to the tokenizer the model was fine-tuned with")
+    max_tgt = job.data.max_tgt_len or ft_data.get("max_tgt_len", 48)
+    max_src = job.data.max_src_len or ft_data.get("max_src_len", 464)
+    if not (job.data.max_tgt_len and job.data.max_src_len):  # 0 = the model's: say which value that is
+        log.info("lengths from the model's fine-tuning configuration: max_src_len=%d, max_tgt_len=%d", max_src,
+                 max_tgt)
+    if job.search.beam_size > tokenizer.vocab_size:
+        raise ValueError(f"search.beam_size={job.search.beam_size} exceeds the vocabulary ({tokenizer.vocab_size} "
+                         f"tokens): a beam holds at most one hypothesis per token; use a smaller --beam (4-10 is "
+                         f"usual)")
+    s = job.search
+    try:
+        cfg = DecodeConfig(beam_size=s.beam_size, max_len=max_tgt, min_len=s.min_len,
+                           length_penalty=s.length_penalty, no_repeat_ngram_size=s.no_repeat_ngram_size,
+                           ngram_ignore=token_ids(tokenizer, s.ngram_ignore))
+    except ValueError as exc:
+        raise ValueError(f"search.{exc}") from None
+    return meta, tokenizer, cfg, max_src, max_tgt
+
+
+def check(job: Any) -> None:
+    """The checks of a decoding run, without decoding (``--print-config``)."""
+    from .s2s_data import load_pair_spec
+
+    _resolve_job(job)
+    load_pair_spec(job.data.corpus, default_split="test", require_tgt=False)
+
+
+def run(job: Any) -> dict[str, Any]:
+    """Decode ``job.data.corpus`` with the model ``job.init`` into ``job.out``; return the statistics."""
+    from .checkpoint import load_model
+    from .s2s_data import load_pair_spec, write_jsonl
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    _, tokenizer, cfg, max_src, _ = _resolve_job(job)
+    records = load_pair_spec(job.data.corpus, default_split="test", require_tgt=False)
+    model = load_model(job.init, attention_backend=job.model.attention_backend).to(job.device).eval()
     log.info("decoding %d inputs with %s (max_src_len %d)", len(records), cfg, max_src)
-    rows, stats = decode_records(model, tokenizer, records, cfg, max_src, args.batch_size)
-    write_jsonl(rows, args.output)
-    print(json.dumps(json_safe({"output": args.output, **stats, "config": dataclasses.asdict(cfg)}), indent=2))
-    return 0
+    rows, stats = decode_records(model, tokenizer, records, cfg, max_src, job.data.batch_size)
+    write_jsonl(rows, job.out)
+    return {"output": job.out, **stats, "config": dataclasses.asdict(cfg)}
+
+
+def report(job: Any, summary: dict[str, Any]) -> None:
+    print(json.dumps(json_safe(summary), indent=2))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pmlm_engine.decode``: flags and config of :mod:`pmlm_engine.cli`."""
+    from .cli import main as cli_main
+
+    return cli_main("decode", run, check, report, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Both engines drive the same :class:`PMLMTrainStep` module (encoder + AE/PAR loss sums), so
 under ZeRO-3 every parameter is gathered inside one DeepSpeed forward. Both expose the
-same small interface to the loop in :mod:`pmlm_engine.train`: ``forward`` / ``backward`` per
+same small interface to the loop in :mod:`pmlm_engine.runner`: ``forward`` / ``backward`` per
 micro-batch, ``step`` per optimizer step, ``save`` / ``load`` of a resumable checkpoint
 folder, and ``fp32_state_dict`` for the consolidated export.
 
@@ -353,8 +353,9 @@ class PMLMTrainStep(nn.Module):
     """Encoder + tied head + AE/PAR loss sums in one forward (what DeepSpeed wraps).
 
     ``forward`` returns ``(ae_sum, par_sum)``: summed cross-entropy over the batch's AE and
-    PAR targets (fp32). The caller divides by the global target counts. ``label_smoothing``
-    is torch's (fine-tuning uses it; pre-training 0).
+    PAR targets (fp32, or float64 for a float64 model). The caller divides by the global target
+    counts (:func:`pmlm_engine.runner.objective`). ``label_smoothing`` is torch's (fine-tuning
+    uses it; pre-training 0).
     """
 
     def __init__(self, model: PMLMModel, label_smoothing: float = 0.0) -> None:
@@ -367,7 +368,8 @@ class PMLMTrainStep(nn.Module):
         hidden = self.model(input_ids, position_ids, segment_ids, step, doc_ids)  # (B, L, C)
         out = pmlm_loss(hidden, labels, step, self.model.lm_head, label_smoothing=self.label_smoothing)
         kind = step[out.token_index[:, 0], out.token_index[:, 1]]  # (N,)
-        token_loss = out.token_loss.float()
+        # at least fp32 (bf16 losses summed in fp32); a float64 model keeps float64 (the exact tests)
+        token_loss = out.token_loss.to(torch.promote_types(out.token_loss.dtype, torch.float32))
         return token_loss[kind == 0].sum(), token_loss[kind < 0].sum()
 
 

@@ -183,10 +183,14 @@ class TruncationStats:
     longest_src: int = 0
     longest_tgt: int = 0
 
-    def log(self, what: str) -> None:
-        log.info("%s: %d examples; source truncated in %d (%d tokens cut, longest %d), target truncated in %d "
-                 "(%d tokens cut, longest %d)", what, self.examples, self.src_truncated, self.src_tokens_cut,
-                 self.longest_src, self.tgt_truncated, self.tgt_tokens_cut, self.longest_tgt)
+    def log(self, what: str, targets: bool = True) -> None:
+        """One log line; ``targets=False`` (decoding: targets are not read) leaves the target counts out."""
+        src = (f"{what}: {self.examples} examples; source truncated in {self.src_truncated} ({self.src_tokens_cut} "
+               f"tokens cut, longest {self.longest_src})")
+        if targets:
+            src += (f", target truncated in {self.tgt_truncated} ({self.tgt_tokens_cut} tokens cut, longest "
+                    f"{self.longest_tgt})")
+        log.info("%s", src)
 
 
 @dataclass

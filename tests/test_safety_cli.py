@@ -71,8 +71,8 @@ def _decode(setup, tmp_path, *extra: str, model=None, output=None) -> int:
     from pmlm_engine.decode import main
 
     out = output if output is not None else tmp_path / "pred.jsonl"
-    return main(["--model", str(model or setup["model"]), "--input", str(setup["src"]), "--output", str(out),
-                 "--max-len", "4", "--threads", "1", *extra])
+    return main(["--init", str(model or setup["model"]), "--corpus", str(setup["src"]), "--out", str(out),
+                 "--max-tgt-len", "4", "--threads", "1", *extra])
 
 
 def _err(capsys) -> str:
@@ -113,11 +113,11 @@ def test_decode_output_folder_is_refused_before_any_work(setup, tmp_path, capsys
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--max-len", "0"], "--max-len 0 is invalid"),
-    (["--max-src-len", "0"], "--max-src-len 0 is invalid"),
-    (["--batch-size", "0"], "--batch-size 0 is invalid"),
-    (["--batch-size", "-2"], "--batch-size -2 is invalid"),
-    (["--beam", "100000"], r"--beam 100000 exceeds the vocabulary"),
+    (["--max-tgt-len", "-1"], "max_tgt_len=-1 is invalid"),
+    (["--max-src-len", "-3"], "max_src_len=-3 is invalid"),
+    (["--batch-size", "0"], "batch_size=0 is invalid"),
+    (["--batch-size", "-2"], "batch_size=-2 is invalid"),
+    (["--beam", "100000"], r"search.beam_size=100000 exceeds the vocabulary"),
 ])
 def test_decode_numeric_flags_are_validated(setup, tmp_path, capsys, flags, match):
     assert _decode(setup, tmp_path, *flags) == EXIT_USAGE

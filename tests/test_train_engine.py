@@ -121,7 +121,7 @@ def _other_vocab_model(tmp: Path) -> Path:
                                    r"in .*vocab.txt\)"),
     ("missing tokenizer", FileNotFoundError, r"data.tokenizer=.*nope-vocab.txt.*does not exist"),
     ("empty tokenizer", ValueError, r"data.tokenizer=.*empty-vocab.txt.*is empty"),
-    ("warm start vocab", ValueError, r"init_from=.*other-model.*vocab_size=999.*vocab_size=\d+:.*data.tokenizer"),
+    ("warm start vocab", ValueError, r"init=.*other-model.*vocab_size=999.*vocab_size=\d+:.*data.tokenizer"),
     ("max_len", ValueError, r"data.max_len=100 exceeds the model's max_position=64"),
     ("global batch", ValueError, r"global_batch_size=8 != data.batch_size \* grad_accum \* world size = 4 \* 1 \* 1"),
 ])
@@ -143,7 +143,7 @@ def test_bad_inputs_fail_before_the_first_step(tmp_path, files, case, error, mat
         (tmp_path / "empty-vocab.txt").write_text("")
         cfg["data"]["tokenizer"] = str(tmp_path / "empty-vocab.txt")
     elif case == "warm start vocab":
-        cfg["init_from"] = str(_other_vocab_model(tmp_path))
+        cfg["init"] = str(_other_vocab_model(tmp_path))
     elif case == "max_len":
         cfg["data"]["max_len"] = 100
     elif case == "global batch":
