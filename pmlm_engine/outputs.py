@@ -140,8 +140,6 @@ def read_jsonl_repairing(path: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as exc:
             if any(rest.strip() for rest in lines[i + 1:]):
                 raise DamagedInputError(f"{p}:{i + 1} is not a JSON object ({exc}): the file is damaged; fix or "
@@ -153,6 +151,8 @@ def read_jsonl_repairing(path: str | os.PathLike) -> list[dict[str, Any]]:
                 fh.flush()
                 os.fsync(fh.fileno())
             return rows
+        if not isinstance(row, dict):
+            raise DamagedInputError(f"{p}:{i + 1} is not a JSON object: the file is damaged; fix or remove that line")
         rows.append(row)
         good_bytes += len(line) + (1 if i < len(lines) - 1 else 0)
     return rows

@@ -35,7 +35,8 @@ DEEPSPEED_SAFE_GLOBALS = (
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # the fp16 dynamic scale: numbers only
     "deepspeed.utils.tensor_fragment.fragment_address",  # a (start, numel) dataclass
 )
-"""Globals a ZeRO checkpoint of this project holds (found with ``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+"""Globals a ZeRO checkpoint of this project holds (listed by
+``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
 
 
 def _resolve(dotted: str) -> Any:

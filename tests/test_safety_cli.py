@@ -280,9 +280,9 @@ def test_corpus_path_with_a_bracket_is_a_file(setup, tmp_path):
 
 
 def test_folder_lock_names_the_holder_and_takes_over_stale_locks(tmp_path, caplog):
-    with FolderLock(tmp_path / "out"):
-        with pytest.raises(ValueError, match=rf"is in use by another run \(pid {os.getpid()} on host "):
-            FolderLock(tmp_path / "out").acquire()
+    with FolderLock(tmp_path / "out"), pytest.raises(ValueError, match=rf"is in use by another run \(pid "
+                                                                      rf"{os.getpid()} on host "):
+        FolderLock(tmp_path / "out").acquire()
     FolderLock(tmp_path / "out").acquire().release()  # released on exit
     # a lock file left by a process that died (pid 2**22 + 1 is beyond any default pid_max: not running)
     lock_file = tmp_path / "out" / ".pmlm.lock"

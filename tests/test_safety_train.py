@@ -28,8 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmlm_engine.errors import (EXIT_DIVERGED, EXIT_INPUT_DAMAGED, EXIT_OS_WRITE, EXIT_OUTPUT_REFUSED,
-                                EXIT_USAGE)
+from pmlm_engine.errors import EXIT_DIVERGED, EXIT_INPUT_DAMAGED, EXIT_OS_WRITE, EXIT_OUTPUT_REFUSED, EXIT_USAGE
 from pmlm_engine.lock import LOCK_NAME, FolderLock
 
 from .test_train_fixtures import paragraphs, tiny_config, write_config, write_txt, write_vocab
@@ -282,3 +281,52 @@ def test_deepspeed_checkpoint_files_are_read_without_running_pickles(tmp_path):
     torch.save({"loss_scaler": LossScaler(1.0), "w": torch.arange(3)}, tmp_path / "ok.pt")
     loaded = weights_only_load(str(tmp_path / "ok.pt"))
     assert torch.equal(loaded["w"], torch.arange(3)) and loaded["loss_scaler"].cur_scale == 1.0
+
+
+def test_rotation_never_deletes_the_newest_verified_checkpoint(tmp_path):
+    """keep=1 after resuming from an older checkpoint while a newer, damaged one exists: the checkpoint
+    just written (the newest that verifies) stays, and so does the damaged one (not ours to judge)."""
+    from pmlm_engine.checkpoint import CheckpointManager
+
+    def write(root: Path, tag: str) -> None:
+        (root / tag).mkdir()
+        (root / tag / "weights.bin").write_bytes(os.urandom(256))
+
+    manager = CheckpointManager(tmp_path, keep=5)
+    for step in (1, 3):
+        manager.save(step, write, {"step": step})
+    _flip(tmp_path / "step00000003" / "weights.bin")
+    fresh = CheckpointManager(tmp_path, keep=1)
+    assert fresh.newest_verified() == tmp_path / "step00000001"
+    with pytest.raises(ValueError, match=r"step00000003/weights.bin does not match.*--resume .*step00000001"):
+        fresh.latest()
+    fresh.save(2, write, {"step": 2})
+    assert fresh.tags() == ["step00000002", "step00000003"] and fresh.latest() == tmp_path / "step00000002"
+
+
+def test_two_fine_tunes_on_one_folder_and_a_damaged_init(tmp_path, files, capsys):
+    """Fine-tuning runs on the same runner: a locked output folder is refused naming the holder, and an
+    init model folder whose weights changed after export is refused naming the file."""
+    from pmlm_engine.checkpoint import save_model
+    from pmlm_engine.config import ModelConfig
+    from pmlm_engine.finetune import main as finetune_main
+    from pmlm_engine.model import PMLMModel
+
+    vocab = files[1]
+    n_vocab = len(vocab.read_text().splitlines())
+    torch.manual_seed(0)
+    init = save_model(PMLMModel(ModelConfig(vocab_size=n_vocab, hidden_size=32, num_layers=2, num_heads=2,
+                                            intermediate_size=64, max_position=64)),
+                      tmp_path / "init", extra={"tokenizer": str(vocab)})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"src": f"the city council met on day {i}", "tgt": f"council {i}"}) + "\n"
+                            for i in range(6)))
+    args = ["--init", str(init), "--corpus", str(data), "--out", str(tmp_path / "ft"), "--steps", "2",
+            "--batch-size", "3", "--max-src-len", "16", "--max-tgt-len", "8", "--threads", "1"]
+    with FolderLock(tmp_path / "ft"):
+        assert finetune_main(args) == EXIT_OUTPUT_REFUSED
+    assert "is in use by another run" in _err(capsys)
+    _flip(init / "model.safetensors")
+    assert finetune_main(args) == EXIT_INPUT_DAMAGED
+    assert "init/model.safetensors does not match its checksum" in _err(capsys)
+    assert not (tmp_path / "ft" / "checkpoints").exists() and not (tmp_path / "ft" / "metrics.jsonl").exists()
