@@ -208,6 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", default=None, help="write the scores as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .cli import quiet_dependencies
+
+    quiet_dependencies()  # absl's "Using default tokenizer." once per system
     try:
         if not args.pred and not args.lead:
             raise ValueError("nothing to score: give --pred FILE and/or --lead N")
