@@ -225,8 +225,8 @@ def quiet_dependencies() -> None:
     run). ``--set logging.level=DEBUG`` shows them again."""
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", category=FutureWarning, message=deprecated)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -314,6 +314,7 @@ class Runner:
         self.checkpoints = CheckpointManager(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep, self.env.is_main,
                                              barrier)
         self.resume_from = self.choose_resume()
+        self.task.prepare_init(resuming=self.resume_from is not None)
 
     def prepare(self) -> None:
         """:meth:`validate`, then the process group and the data."""
