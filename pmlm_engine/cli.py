@@ -42,6 +42,8 @@ class Flag:
     legacy: tuple[str, ...] = ()
     """Accepted but not shown (earlier names of this project's flags)."""
     metavar: Optional[str] = None
+    per_kind: tuple[tuple[str, str], ...] = ()
+    """``(entry point, help)`` where the field means something more specific there."""
 
 
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
@@ -51,19 +53,21 @@ PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 
 FLAGS = {f.name: f for f in [
     Flag("--init", "init", "model to start from: minilm, a model folder, or a HF BERT/UniLMv2 checkpoint",
-         aliases=("--model_name_or_path",), legacy=("--init-from", "--model"), metavar="MODEL"),
-    Flag("--out", "out", "output folder (decode: the predictions file)", aliases=("--output_dir",),
-         legacy=("--output",), metavar="PATH"),
-    Flag("--corpus", "data.corpus", "text: news, wiki, acl, .txt/.jsonl files, folders, globs (train); "
-         ".jsonl of {src, tgt} or news|wiki|acl[:SPLIT] (finetune, decode)", legacy=("--data", "--input"),
-         metavar="SRC"),
+         aliases=("--model_name_or_path",), legacy=("--init-from", "--model"), metavar="MODEL",
+         per_kind=(("decode", "the fine-tuned model folder (finetune's out/final)"),)),
+    Flag("--out", "out", "output folder", aliases=("--output_dir",), legacy=("--output",), metavar="PATH",
+         per_kind=(("decode", "the predictions file (JSONL)"),)),
+    Flag("--corpus", "data.corpus", "text: news, wiki, acl, .txt/.jsonl files, folders, globs",
+         legacy=("--data", "--input"), metavar="SRC",
+         per_kind=(("finetune", "pairs: .jsonl of {src, tgt}, or news | wiki | acl (train split; NAME:SPLIT)"),
+                   ("decode", "sources: .jsonl with src (and id), or a split such as news:test"))),
     Flag("--tokenizer", "data.tokenizer", "vocab.txt, tokenizer.json or sentencepiece .model", metavar="FILE"),
     Flag("--steps", "steps", "optimizer steps", int, aliases=("--max_steps",), metavar="N"),
     Flag("--warmup", "optim.warmup_steps", "linear warmup steps (clamped to --steps)", int,
          aliases=("--warmup_steps",), metavar="N"),
     Flag("--lr", "optim.lr", "peak learning rate", float, aliases=("--learning_rate",)),
     Flag("--batch-size", "data.batch_size", "examples per rank and micro-step", int,
-         aliases=("--per_device_train_batch_size",), metavar="N"),
+         aliases=("--per_device_train_batch_size",), metavar="N", per_kind=(("decode", "sources per batch"),)),
     Flag("--grad-accum", "grad_accum", "micro-steps per optimizer step", int,
          aliases=("--gradient_accumulation_steps",), metavar="N"),
     Flag("--precision", "precision", "auto = bf16 where the hardware has it natively, else fp32", choices=PRECISIONS,
@@ -87,9 +91,10 @@ FLAGS = {f.name: f for f in [
     Flag("--max-len", "data.max_len", "main-part tokens per example", int, metavar="N"),
     Flag("--max-docs", "data.max_docs", "use only the first N documents (0 = all)", int, metavar="N"),
     # fine-tuning and decoding
-    Flag("--max-src-len", "data.max_src_len", "source tokens kept", int, metavar="N"),
-    Flag("--max-tgt-len", "data.max_tgt_len", "target tokens kept / generated, [SEP] included", int,
-         metavar="N"),
+    Flag("--max-src-len", "data.max_src_len", "source tokens kept", int, metavar="N",
+         per_kind=(("decode", "source tokens kept (0 = the fine-tuning value)"),)),
+    Flag("--max-tgt-len", "data.max_tgt_len", "target tokens kept, [SEP] included", int, metavar="N",
+         per_kind=(("decode", "most tokens generated, [SEP] included (0 = the fine-tuning value)"),)),
     Flag("--label-smoothing", "label_smoothing", "label smoothing of the cross-entropy", float,
          aliases=("--label_smoothing_factor",)),
     Flag("--target-mask-prob", "data.target_mask_prob", "probability of [MASK]ing a teacher-forced target token",
@@ -170,12 +175,27 @@ def launcher_prog(module: str) -> str:
     return f"python -m {module}"
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """One line per flag where the terminal allows it."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=min(120, _columns()))
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 100
+
+
 def build_parser(kind: str) -> argparse.ArgumentParser:
     """The parser of entry point ``kind``; every flag's dest is its dotted config field."""
     ep = ENTRY_POINTS[kind]
-    p = argparse.ArgumentParser(prog=launcher_prog(ep.module), description=ep.description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Each flag sets one config field (shown after it); --set wins over flags. "
+    prog = launcher_prog(ep.module)
+    p = argparse.ArgumentParser(prog=prog, description=ep.description, formatter_class=_Formatter,
+                                usage=f"{prog} [--config FILE] [--set KEY=VALUE ...] [--print-config] [flags]",
+                                epilog="Each flag sets the config field in brackets; --set wins over flags. "
                                        "All fields: --print-config.")
     p.add_argument("--config", metavar="FILE", help="JSON config ('-' = stdin), e.g. from --print-config")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -185,17 +205,20 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("flags")
     for name in ep.flags:
         f = FLAGS[name]
-        kwargs: dict[str, Any] = dict(dest=f.field, type=f.type, default=argparse.SUPPRESS, metavar=f.metavar)
+        metavar = f.metavar or ("X" if f.type is float else None)
+        kwargs: dict[str, Any] = dict(dest=f.field, type=f.type, default=argparse.SUPPRESS, metavar=metavar)
         if f.choices is not None:
-            kwargs.update(choices=f.choices, metavar=None)
+            kwargs.update(choices=f.choices, metavar="{" + ",".join(map(str, f.choices)) + "}")
         if f.nargs is not None:
             kwargs["nargs"] = f.nargs
         legacy = f.legacy
         if name == "--corpus" and kind == "train":  # a list of sources in pre-training, one pair file otherwise
             kwargs["nargs"], legacy = "+", ()
-        g.add_argument(name, *f.aliases, help=f"{f.help} [{f.field}]", **kwargs)
-        if legacy:
-            g.add_argument(*legacy, help=argparse.SUPPRESS, **kwargs)
+        also = f" (or {', '.join(f.aliases)})" if f.aliases else ""
+        text = dict(f.per_kind).get(kind, f.help)
+        g.add_argument(name, help=f"{text} [{f.field}]{also}", **kwargs)
+        if f.aliases or legacy:  # accepted under the other spellings, listed once in the help text
+            g.add_argument(*f.aliases, *legacy, help=argparse.SUPPRESS, **kwargs)
     if kind in ("train", "finetune"):  # switches (no value) of the output-safety fields
         for name, dest, text in SWITCHES:
             g.add_argument(name, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
@@ -212,15 +235,15 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
 
 
 def quiet_dependencies() -> None:
-    """The one place where dependency chatter is silenced at the default log level:
-    absl's "Using default tokenizer." (rouge-score), DeepSpeed's INFO lines, and the
-    FutureWarnings that DeepSpeed's ZeRO-3 triggers through torch.distributed's deprecated
-    collectives (one per call, dozens in a short run). Pass ``--set logging.level=DEBUG`` to see them."""
+    """The one place where known dependency chatter is silenced at the default log level:
+    absl's "Using default tokenizer." (rouge-score), DeepSpeed's INFO lines, and the FutureWarnings
+    that DeepSpeed's ZeRO collectives trigger in torch 2.13 (``torch.distributed.all_gather_into_tensor``
+    / ``reduce_scatter_tensor`` "is deprecated", one per call: 64 lines in a 20-step 2-process ZeRO-3
+    run). ``--set logging.level=DEBUG`` shows them again."""
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    for pattern in (r".*torch\.distributed\._all_gather_base.*", r".*torch\.distributed\._reduce_scatter_base.*",
-                    r".*_get_socket_with_port.*", r".*torch\.cuda\.amp.*is deprecated.*"):
-        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", category=FutureWarning, message=deprecated)
 
 
 def setup_logging(level: str = "INFO") -> None:

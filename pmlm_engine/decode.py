@@ -47,6 +47,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
+if __name__ == "__main__":  # answer --help and usage errors before the heavy imports below
+    from pmlm_engine.cli import build_parser
+
+    build_parser("decode").parse_args()
+
 import torch
 from torch import Tensor
 from tqdm import tqdm

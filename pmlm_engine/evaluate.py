@@ -216,6 +216,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("--output", default=None, help="write the scores as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .cli import quiet_dependencies
+
+    quiet_dependencies()  # absl's "Using default tokenizer." once per system
     if not args.pred and not args.lead:
         raise ValueError("nothing to score: give --pred FILE and/or --lead N")
     if args.output:  # before any work: not a folder, not one of the inputs

@@ -285,6 +285,7 @@ class Runner:
         self.ds_config: Optional[dict[str, Any]] = None
         self.checkpoints: Optional[CheckpointManager] = None
         self.resume_from: Optional[Path] = None
+        self._lock: Optional[FolderLock] = None
         self.last_saved: Optional[Path] = None
         """The newest checkpoint of this job (named when the run has to stop)."""
         self.engine: Any = None
@@ -313,7 +314,8 @@ class Runner:
         """Every check that can fail before any output or training (``--print-config`` runs it too):
         :meth:`check`, the task's tokenizer and model configuration, the attention backend in the
         training precision, TensorBoard if asked for, and the resume decision. With ``resources``
-        (a real run), ``out`` is locked before the checkpoints are looked at, until ``resources`` closes."""
+        (a real run) an existing ``out`` is locked before its checkpoints are looked at, until
+        ``resources`` closes (a new one is locked by :meth:`prepare`, once every check has passed)."""
         self.check()
         self.task.prepare(self.env)
         check_attention(self.task.attention_backend, self.cfg.resolved_precision(), self.device)
@@ -323,17 +325,24 @@ class Runner:
             except ImportError:
                 raise ImportError("logging.tensorboard=true needs TensorBoard: pip install tensorboard "
                                   "(or set logging.tensorboard=false)") from None
-        if resources is not None and self.env.is_main:  # a second run on this out fails here, naming this one
-            resources.enter_context(FolderLock(self.cfg.out))
+        if resources is not None and self.env.is_main and Path(self.cfg.out).is_dir():
+            self._lock = resources.enter_context(FolderLock(self.cfg.out))  # a second run fails here, at once
         self.checkpoints = CheckpointManager(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep, self.env.is_main,
                                              barrier, trust=self.cfg.checkpoint.trust)
         self.resume_from = self.choose_resume()
+        self.task.prepare_init(resuming=self.resume_from is not None)
 
     def prepare(self, resources: Optional[contextlib.ExitStack] = None) -> None:
         """:meth:`validate`, then the process group and the data."""
         self.validate(resources)
         self.env = init_distributed(self.engine_name)
         on_local_main_first(self.env, lambda: self.task.load_data(self.env))
+        if resources is not None and self.env.is_main and self._lock is None:
+            # out did not exist at validation: it is created (and locked) only now that every check passed
+            self._lock = resources.enter_context(FolderLock(self.cfg.out))
+            if self.choose_resume() != self.resume_from:
+                raise OutputRefusedError(f"out={self.cfg.out} received checkpoints from another run while this "
+                                         f"one was starting: run the same command again")
 
     def choose_resume(self) -> Optional[Path]:
         """The checkpoint to continue from (``checkpoint.resume``), refused if written by another job."""

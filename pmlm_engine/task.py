@@ -36,7 +36,8 @@ class Task:
     Subclasses set the class attributes and implement the methods; the rest is the runner's.
 
     Order of calls: :meth:`check` (cheap; also run by ``--print-config``), :meth:`prepare`
-    (tokenizer, model configuration; before any output is written), :meth:`load_data` (after the
+    (tokenizer, model configuration; before any output is written), :meth:`prepare_init` (after
+    the resume decision), :meth:`load_data` (after the
     process group exists; local rank 0 first), :meth:`build_model`, then :meth:`batches` per step.
     """
 
@@ -72,6 +73,10 @@ class Task:
     def prepare(self, env: DistEnv) -> None:
         """Load the tokenizer and settle the model configuration (``self.model_cfg``)."""
         raise NotImplementedError
+
+    def prepare_init(self, resuming: bool) -> None:
+        """Load and check the starting weights once the resume decision is made (a resumed run
+        takes its weights from the checkpoint); still before any output."""
 
     def load_data(self, env: DistEnv) -> None:
         """Read and encode the training data (it may build a cache, so it runs on local rank 0 first)."""

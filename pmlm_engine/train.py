@@ -27,6 +27,7 @@ from pmlm_engine import cli
 from pmlm_engine.task import Task, resolve_tokenizer
 
 if TYPE_CHECKING:
+    from pmlm_engine.config import ModelConfig
     from pmlm_engine.engine import DistEnv
     from pmlm_engine.model import PMLMModel
     from pmlm_engine.train_config import TrainConfig
@@ -49,6 +50,7 @@ class PretrainTask(Task):
         self.loss_weights = (cfg.ae_weight, cfg.par_weight)
         self.tokenizer: Any = None
         self.data: Any = None
+        self.warm: Optional[dict[str, Any]] = None
 
     def check(self, env: DistEnv) -> None:
         from pmlm_engine.stream import resolve_sources
@@ -86,14 +88,27 @@ class PretrainTask(Task):
             raise ValueError(f"data.corpus={cfg.data.corpus}: no text after tokenization")
         self.data = PretrainData(sequences, self.tokenizer.special_ids(), cfg.data, env.world_size, cfg.grad_accum)
 
+    def prepare_init(self, resuming: bool) -> None:
+        """A warm start is loaded and checked here, before any output; its fresh parts (an MLM head
+        missing from the checkpoint) are drawn from a generator seeded by ``data.seed``."""
+        if not self.cfg.init:
+            return
+        if resuming:
+            log.info("resuming: init=%s is not used (the weights come from the checkpoint)", self.cfg.init)
+            return
+        import torch
+
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.data.seed)
+            self.warm = warm_start_state(self.cfg.init, self.model_cfg, self.tokenizer)
+
     def build_model(self, resuming: bool) -> PMLMModel:
         from pmlm_engine.model import PMLMModel
 
         model = PMLMModel(self.model_cfg)
-        if self.cfg.init and not resuming:
-            warm_start(model, self.cfg.init, self.tokenizer)
-        elif self.cfg.init:
-            log.info("resuming: init=%s is not used (the weights come from the checkpoint)", self.cfg.init)
+        if self.warm is not None and not resuming:
+            model.load_state_dict(self.warm, strict=True)
+            self.warm = None
         log.info("model %s: %s parameters", self.cfg.model.preset, f"{model.num_parameters():,}")
         return model
 
@@ -107,17 +122,17 @@ class PretrainTask(Task):
                 f"{env.world_size} ranks)")
 
 
-def warm_start(model: PMLMModel, spec: str, tokenizer: Any) -> None:
-    """Copy a pretrained encoder into ``model`` (``minilm``, a model folder or a HF BERT checkpoint).
+def warm_start_state(spec: str, cfg: ModelConfig, tokenizer: Any) -> dict[str, Any]:
+    """The parameters of a pretrained encoder (``minilm``, a model folder or a HF BERT checkpoint)
+    for a model of configuration ``cfg``, checked against it.
 
-    The checkpoint's shapes must match the configured model; a checkpoint without an MLM
-    head gets a fresh one, without a relative bias table a zero one
-    (:func:`pmlm_engine.convert.load_any`). Its ``vocab.txt``, if any, must be the tokenizer's.
+    The checkpoint's shapes must match; a checkpoint without an MLM head gets a fresh one, without
+    a relative bias table a zero one (:func:`pmlm_engine.convert.load_any`). Its ``vocab.txt``, if
+    any, must be the tokenizer's.
     """
     from pmlm_engine.convert import is_model_folder, load_any
     from pmlm_engine.train_config import SHAPE_FIELDS
 
-    cfg = model.config
     path = spec
     if spec == "minilm":
         from pmlm_engine.corpus import minilm_dir
@@ -139,8 +154,13 @@ def warm_start(model: PMLMModel, spec: str, tokenizer: Any) -> None:
     if tok_path and Path(tok_path).is_file() and Path(tok_path).read_bytes() != Path(tokenizer.source).read_bytes():
         raise ValueError(f"init={spec!r} was trained with the vocabulary {tok_path}, but data.tokenizer is "
                          f"{tokenizer.source}: set data.tokenizer to {tok_path}")
-    model.load_state_dict(src.state_dict(), strict=True)
     log.info("warm start from %s: %s", path, f"{src.num_parameters() / 1e6:.1f}M parameters")
+    return src.state_dict()
+
+
+def warm_start(model: PMLMModel, spec: str, tokenizer: Any) -> None:
+    """Copy a pretrained encoder into ``model`` (:func:`warm_start_state`)."""
+    model.load_state_dict(warm_start_state(spec, model.config, tokenizer), strict=True)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def test_bad_inputs_fail_before_the_first_step(tmp_path, files, case, error, mat
         cfg["global_batch_size"] = 8
     with pytest.raises(error, match=match):
         _run(cfg)
-    assert not (Path(cfg["out"]) / "metrics.jsonl").exists()  # nothing trained
+    assert not Path(cfg["out"]).exists()  # nothing written before the inputs are checked
 
 
 def test_checkpoints_are_atomic_and_rotated(tmp_path):
