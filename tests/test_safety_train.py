@@ -330,3 +330,22 @@ def test_two_fine_tunes_on_one_folder_and_a_damaged_init(tmp_path, files, capsys
     assert finetune_main(args) == EXIT_INPUT_DAMAGED
     assert "init/model.safetensors does not match its checksum" in _err(capsys)
     assert not (tmp_path / "ft" / "checkpoints").exists() and not (tmp_path / "ft" / "metrics.jsonl").exists()
+
+
+def test_an_unavailable_attention_backend_is_one_line_and_exit_7(tmp_path, files):
+    """Outside the test suite's Triton interpreter, ``triton`` on a CPU is unavailable: one line, exit 7
+    (it was a RuntimeError traceback). A subprocess, since this process runs under the interpreter."""
+    import subprocess
+    import sys
+
+    from pmlm_engine.errors import EXIT_ENVIRONMENT
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device makes the triton backend available")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "pmlm_engine.train", "--config", str(_job(tmp_path, files)),
+                           "--attention-backend", "triton", "--print-config"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == EXIT_ENVIRONMENT, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: attention backend 'triton' is unavailable") and "Traceback" not in proc.stderr
