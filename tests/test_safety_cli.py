@@ -96,6 +96,15 @@ def test_model_folders_carry_a_manifest_that_load_verifies(setup, tmp_path):
         load_model(copy)
 
 
+def test_predictions_stay_valid_json(tmp_path):
+    from pmlm_engine.s2s_data import write_jsonl
+
+    write_jsonl([{"id": "1", "score": float("-inf")}, {"id": "2", "score": float("nan")}], tmp_path / "p.jsonl")
+    text = (tmp_path / "p.jsonl").read_text()
+    assert [json.loads(line) for line in text.splitlines()] == [{"id": "1", "score": None}, {"id": "2", "score": None}]
+    assert "Infinity" not in text and "NaN" not in text  # Python's json would accept them; other readers do not
+
+
 def test_decode_output_equal_to_input_is_refused_and_the_input_kept(setup, tmp_path, capsys):
     before = setup["src"].read_bytes()
     same = setup["src"].parent / "." / setup["src"].name  # the same file spelled differently

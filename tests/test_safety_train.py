@@ -349,3 +349,13 @@ def test_an_unavailable_attention_backend_is_one_line_and_exit_7(tmp_path, files
     assert proc.returncode == EXIT_ENVIRONMENT, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: attention backend 'triton' is unavailable") and "Traceback" not in proc.stderr
+
+
+def test_metrics_of_a_run_that_left_no_checkpoint_are_not_emptied(tmp_path, files, capsys):
+    job = _job(tmp_path, files)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.5}\n')  # killed before its first save
+    assert _train(job) == EXIT_OUTPUT_REFUSED
+    assert "metrics.jsonl holds the metrics of an earlier run" in _err(capsys)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 9.5}\n'
+    assert _train(job, "--resume", "never", "--overwrite") == 0 and len(_rows(tmp_path / "run")) == 4
