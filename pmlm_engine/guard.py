@@ -4,7 +4,8 @@ What a step reports (its loss and its gradient norm before clipping) decides:
 
 * a non-finite gradient norm: the update is skipped (the engine zeroes the gradients and does
   not step the optimizer or the schedule), as torch's ``GradScaler`` and DeepSpeed's loss scaler
-  do; one warning line per skipped step;
+  do; one warning line per skipped step. Under fp16 the skips are the dynamic loss scaler's own
+  (several in a row are normal while the scale settles) and are left to it;
 * ``max_nonfinite_steps`` consecutive non-finite steps (loss or gradient norm): the run stops with
   one error line giving the step and the last good checkpoint (and a hint that fits the precision
   in use: "fp32" is never suggested to a run that already is fp32);
@@ -80,9 +81,11 @@ class FiniteGuard:
             skipped: the engine skipped this update (non-finite gradients or an fp16 overflow).
             last_good: the newest checkpoint, named in the error.
         """
+        if skipped and self.precision == "fp16":  # the dynamic loss scaler's overflow skips (often several in a
+            return  # row while the scale settles); DeepSpeed stops the run itself at its minimum scale
         finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         if finite:
-            if not skipped:  # (a skipped finite step is an fp16 overflow: the loss scaler's business)
+            if not skipped:
                 self._track(step, loss)
             self.consecutive = 0
             return

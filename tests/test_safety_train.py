@@ -359,3 +359,22 @@ def test_metrics_of_a_run_that_left_no_checkpoint_are_not_emptied(tmp_path, file
     assert "metrics.jsonl holds the metrics of an earlier run" in _err(capsys)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 9.5}\n'
     assert _train(job, "--resume", "never", "--overwrite") == 0 and len(_rows(tmp_path / "run")) == 4
+
+
+@pytest.mark.parametrize("precision,hint,not_hint", [("fp32", "raise optim.warmup_steps", "precision="),
+                                                     ("bf16", "use precision=fp32", "bf16 or fp32"),
+                                                     ("fp16", "use precision=bf16 or fp32", None)])
+def test_the_divergence_hint_fits_the_precision(precision, hint, not_hint):
+    from pmlm_engine.errors import NonFiniteError
+    from pmlm_engine.guard import FiniteGuard, GuardConfig
+
+    guard = FiniteGuard(precision, GuardConfig(max_nonfinite_steps=2))
+    guard.after_step(1, 3.0, math.nan, True, None)
+    if precision == "fp16":  # the loss scaler's overflow skips are its own business...
+        guard.after_step(2, 3.0, math.inf, True, None)
+        with pytest.raises(NonFiniteError, match=rf"{hint}"):  # ... but an applied non-finite update stops the run
+            guard.after_step(3, math.nan, math.nan, False, "ck")
+        return
+    with pytest.raises(NonFiniteError, match=rf"step 2: 2 consecutive.*{hint}") as info:
+        guard.after_step(2, 3.0, math.inf, True, "ck")
+    assert not_hint not in str(info.value)
