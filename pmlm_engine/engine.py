@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .checkpoint import read_safetensors
 from .layout import IGNORE
 from .losses import pmlm_loss
 from .model import PMLMModel
@@ -405,7 +406,7 @@ def _rng_load(folder: Path, rank: int) -> None:
     path = folder / f"rng-rank{rank:05d}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {path.name}: was it written with another world size?")
-    state = load_file(str(path))
+    state = read_safetensors(path)  # a damaged file is named
     torch.set_rng_state(state["torch_cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state[k] for k in sorted(state) if k.startswith("cuda")])
@@ -460,7 +461,7 @@ class TorchEngine:
 
     def load(self, folder: Path, trust: bool = False) -> None:
         """Resume from ``folder`` (safetensors and a weights-only ``torch.load``: nothing to trust)."""
-        state = load_file(str(folder / MODEL_FILE))
+        state = read_safetensors(folder / MODEL_FILE)
         state["lm_head.embedding.weight"] = state["embeddings.word_embeddings.weight"]
         self.model.load_state_dict(state, strict=True)
         opt = torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=True)  # tensors and numbers only

@@ -378,3 +378,14 @@ def test_the_divergence_hint_fits_the_precision(precision, hint, not_hint):
     with pytest.raises(NonFiniteError, match=rf"step 2: 2 consecutive.*{hint}") as info:
         guard.after_step(2, 3.0, math.inf, True, "ck")
     assert not_hint not in str(info.value)
+
+
+def test_a_truncated_weights_file_in_a_trusted_checkpoint_is_named(reference, tmp_path, capsys):
+    job, out = _copy_run(reference, tmp_path / "job")
+    shutil.rmtree(out / "final")
+    legacy = out / CKPT / "step00000004"
+    (legacy / "manifest.json").unlink()
+    weights = legacy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert _train(job, "--resume", str(legacy), "--trust-checkpoint") == EXIT_INPUT_DAMAGED
+    assert "step00000004/model.safetensors is not a readable .safetensors file" in _err(capsys)
