@@ -298,10 +298,11 @@ class Runner:
     def device(self) -> torch.device:
         return torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-    def validate(self) -> None:
+    def validate(self) -> dict[str, Any]:
         """Every check that can fail before any output or training (``--print-config`` runs it too):
         :meth:`check`, the task's tokenizer and model configuration, the attention backend in the
-        training precision, TensorBoard if asked for, and the resume decision."""
+        training precision, TensorBoard if asked for, the resume decision and the starting weights.
+        Returns the generated DeepSpeed config ({} under the torch engine)."""
         self.check()
         self.task.prepare(self.env)
         check_attention(self.task.attention_backend, self.cfg.resolved_precision(), self.device)
@@ -315,6 +316,7 @@ class Runner:
                                              barrier)
         self.resume_from = self.choose_resume()
         self.task.prepare_init(resuming=self.resume_from is not None)
+        return self.ds_config or {}
 
     def prepare(self) -> None:
         """:meth:`validate`, then the process group and the data."""
