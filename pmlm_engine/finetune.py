@@ -33,6 +33,7 @@ this job's configuration (decode's length defaults come from it).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -228,12 +229,12 @@ def check(cfg: FinetuneConfig) -> None:
     """The checks of a real run that need no data loading (``--print-config``)."""
     from pmlm_engine.runner import Runner
 
-    Runner(FinetuneTask(cfg)).validate()
+    ds = Runner(FinetuneTask(cfg)).validate()
+    if ds:
+        log.info("generated DeepSpeed config: %s", json.dumps(ds))
 
 
 def report(cfg: FinetuneConfig, summary: dict[str, Any]) -> None:
-    import json
-
     from pmlm_engine.engine import dist_env
 
     if dist_env().is_main:

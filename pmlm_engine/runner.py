@@ -310,10 +310,11 @@ class Runner:
     def device(self) -> torch.device:
         return torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-    def validate(self, resources: Optional[contextlib.ExitStack] = None) -> None:
+    def validate(self, resources: Optional[contextlib.ExitStack] = None) -> dict[str, Any]:
         """Every check that can fail before any output or training (``--print-config`` runs it too):
         :meth:`check`, the task's tokenizer and model configuration, the attention backend in the
-        training precision, TensorBoard if asked for, and the resume decision. With ``resources``
+        training precision, TensorBoard if asked for, the resume decision and the starting weights.
+        Returns the generated DeepSpeed config ({} under the torch engine). With ``resources``
         (a real run) an existing ``out`` is locked before its checkpoints are looked at, until
         ``resources`` closes (a new one is locked by :meth:`prepare`, once every check has passed)."""
         self.check()
@@ -331,6 +332,7 @@ class Runner:
                                              barrier, trust=self.cfg.checkpoint.trust)
         self.resume_from = self.choose_resume()
         self.task.prepare_init(resuming=self.resume_from is not None)
+        return self.ds_config or {}
 
     def prepare(self, resources: Optional[contextlib.ExitStack] = None) -> None:
         """:meth:`validate`, then the process group and the data."""

@@ -18,6 +18,7 @@ launcher's form), hence its absolute imports; it imports torch only when a job r
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -174,7 +175,9 @@ def check(cfg: TrainConfig) -> None:
     """The checks of a real run that need no data loading (``--print-config``)."""
     from pmlm_engine.runner import Runner
 
-    Runner(PretrainTask(cfg)).validate()
+    ds = Runner(PretrainTask(cfg)).validate()
+    if ds:
+        log.info("generated DeepSpeed config: %s", json.dumps(ds))
 
 
 def report(cfg: TrainConfig, summary: dict[str, Any]) -> None:

@@ -13,9 +13,14 @@ import json
 
 import pytest
 
-from pmlm_engine.engine import (DistEnv, check_world, deepspeed_config, merge_deepspeed_overrides,
-                                read_deepspeed_overrides)
 from pmlm_engine.cli import parse
+from pmlm_engine.engine import (
+    DistEnv,
+    check_world,
+    deepspeed_config,
+    merge_deepspeed_overrides,
+    read_deepspeed_overrides,
+)
 from pmlm_engine.train import main as train_main
 from pmlm_engine.train_config import from_dict, load_config, to_dict
 
