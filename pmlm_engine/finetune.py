@@ -12,7 +12,7 @@ positions in one forward pass of the pre-training model. The loss is the pre-tra
 (:class:`pmlm_engine.engine.PMLMTrainStep`, torch's label smoothing), summed over the ``[P]``
 outputs and divided by the global batch's target count; the AE weight is 0. ``data.target_mask_prob``
 replaces each ORIGINAL copy by ``[MASK]`` with that probability (s2s-ft's corruption). Method:
-docs/finetuning.
+docs/finetuning.md.
 
 Inputs: :mod:`pmlm_engine.s2s_data` (JSONL pairs with file:line errors, built-in corpora with
 fixed held-out splits). Truncation: the source keeps its first ``data.max_src_len`` tokens, the
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from pmlm_engine.engine import DistEnv
     from pmlm_engine.layout import SpecialIds
     from pmlm_engine.model import PMLMModel
-    from pmlm_engine.runner import Window
     from pmlm_engine.s2s_data import EncodedPairs
     from pmlm_engine.train_config import FinetuneConfig
 
@@ -196,7 +195,7 @@ class FinetuneTask(Task):
     def count_tokens(self, batch: dict) -> int:
         return int((batch["doc_ids"] >= 0).sum())  # source and target tokens
 
-    def row_extra(self, step: int, window: Window, elapsed: float) -> dict[str, Any]:
+    def row_extra(self, step: int, window: Any, elapsed: float) -> dict[str, Any]:
         assert self.stream is not None
         return {"epoch": round(step * self.global_batch_size / self.stream.n, 4),
                 "target_tokens_per_s": window.targets / max(elapsed, 1e-9)}

@@ -280,10 +280,10 @@ class Runner:
 
     # ------------------------------------------------------------------ checks
 
-    def check(self) -> dict[str, Any]:
-        """The checks that need no data loading (what ``--print-config`` runs): world and batch
-        sizes, engine and precision, the DeepSpeed config, the task's inputs. Returns the
-        generated DeepSpeed config, if any."""
+    def check(self) -> None:
+        """The checks that need no loading: world and batch sizes, engine and precision, the
+        DeepSpeed config (generated and validated here), the attention backend's name, the task's
+        input paths."""
         check_world(self.cfg, self.env)
         self.engine_name = self.cfg.resolved_engine(self.env.world_size)
         if self.engine_name == "deepspeed":
@@ -292,7 +292,6 @@ class Runner:
 
         resolve_backend(self.task.attention_backend, self.device)  # an unknown backend name fails here
         self.task.check(self.env)
-        return self.ds_config or {}
 
     @property
     def device(self) -> torch.device:

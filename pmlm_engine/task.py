@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from .config import ModelConfig
     from .engine import DistEnv
     from .model import PMLMModel
-    from .runner import Window
     from .train_config import RunConfig
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
@@ -96,8 +95,8 @@ class Task:
         """Tokens of a batch counted for throughput (default: main-part tokens)."""
         return int(((batch["step"] == 0) & (batch["doc_ids"] >= 0)).sum())
 
-    def row_extra(self, step: int, window: Window, elapsed: float) -> dict[str, Any]:
-        """Task-specific fields of a metrics row."""
+    def row_extra(self, step: int, window: Any, elapsed: float) -> dict[str, Any]:
+        """Task-specific fields of a metrics row (``window``: the runner's means since the last row)."""
         return {}
 
     def export_meta(self) -> dict[str, Any]:

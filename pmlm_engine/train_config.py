@@ -261,12 +261,12 @@ class RunConfig:
 
 @dataclass
 class TrainConfig(RunConfig):
-    """A pre-training job. Defaults: a tiny model on the news corpus (examples/demo.json is the demo)."""
+    """A pre-training job. Defaults: a tiny model on the news corpus (examples/pretrain-demo.json is the demo's)."""
 
     ae_weight: float = 1.0
-    """Weight of the AE loss in the objective (docs/losses: 1)."""
+    """Weight of the AE loss in the objective (docs/losses.md: 1)."""
     par_weight: float = 1.0
-    """Weight of the PAR loss in the objective (docs/losses: 1)."""
+    """Weight of the PAR loss in the objective (docs/losses.md: 1)."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -333,7 +333,7 @@ def _finetune_optim() -> OptimConfig:
 
 @dataclass
 class FinetuneConfig(RunConfig):
-    """A sequence-to-sequence fine-tuning job (docs/finetuning): the pre-training model, mask and
+    """A sequence-to-sequence fine-tuning job (docs/finetuning.md): the pre-training model, mask and
     loss on source/target pairs. ``init`` is required."""
 
     precision: str = "fp32"
@@ -353,7 +353,7 @@ class FinetuneConfig(RunConfig):
 
 @dataclass
 class SearchSection:
-    """Decoding search (docs/decoding); turned into :class:`pmlm_engine.decode.DecodeConfig`."""
+    """Decoding search (docs/decoding.md); turned into :class:`pmlm_engine.decode.DecodeConfig`."""
 
     beam_size: int = 1
     """Beams per sentence; 1 = greedy."""
