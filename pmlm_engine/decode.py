@@ -407,8 +407,7 @@ def _resolve_job(job: Any) -> tuple[Any, Any, DecodeConfig, int, int]:
     :class:`pmlm_engine.train_config.DecodeJobConfig`; lengths left at 0 come from the model's
     fine-tuning configuration. Every check of a decoding run that needs no model weights."""
     from .checkpoint import read_config
-    from .task import resolve_tokenizer
-    from .tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer, resolve_tokenizer
 
     if not job.init:
         raise ValueError("init is not set: name the model folder to decode with (--init runs/ft/final)")

@@ -39,7 +39,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from pmlm_engine import cli
-from pmlm_engine.task import Task, resolve_tokenizer
+from pmlm_engine.task import Task
 
 if TYPE_CHECKING:
     from pmlm_engine.engine import DistEnv
@@ -131,7 +131,7 @@ class FinetuneTask(Task):
         from pmlm_engine.convert import load_any
         from pmlm_engine.model import extend_positions
         from pmlm_engine.stream import tokenizer_fingerprint
-        from pmlm_engine.tokenizer import load_tokenizer
+        from pmlm_engine.tokenizer import load_tokenizer, resolve_tokenizer
 
         cfg = self.cfg
         torch.manual_seed(cfg.data.seed)  # a fresh MLM head (minilm has none) is the same on every rank

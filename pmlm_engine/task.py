@@ -16,20 +16,6 @@ if TYPE_CHECKING:
     from .model import PMLMModel
     from .train_config import RunConfig
 
-DEFAULT_TOKENIZER = "bert-base-uncased"
-
-
-def resolve_tokenizer(spec: Optional[str], recorded: Optional[str] = None) -> str:
-    """The tokenizer file to load: ``spec``, else ``recorded`` (the one a model folder names), else
-    bert-base-uncased; ``bert-base-uncased`` is the real WordPiece vocabulary shipped with MiniLM."""
-    choice = spec or recorded or DEFAULT_TOKENIZER
-    if choice == DEFAULT_TOKENIZER:
-        from .corpus import minilm_dir
-
-        return str(minilm_dir() / "vocab.txt")
-    return choice
-
-
 class Task:
     """What a training task brings to the runner: its data, its model, its loss weights.
     Subclasses set the class attributes and implement the methods; the rest is the runner's.
