@@ -429,14 +429,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from .checkpoint import load_model, read_config
+        from .checkpoint import load_model, model_tokenizer, read_config
         from .finetune import resolve_tokenizer
         from .s2s_data import load_pair_spec, write_jsonl
         from .tokenizer import load_tokenizer
 
         meta = read_config(args.model)
         ft = meta.get("finetune", {})
-        tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, meta.get("tokenizer")))
+        tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, model_tokenizer(args.model)))
         model = load_model(args.model, attention_backend=args.attention_backend).to(args.device).eval()
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}: "

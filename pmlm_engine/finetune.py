@@ -62,7 +62,7 @@ from pmlm_engine.config import to_dict
 from pmlm_engine.engine import (all_reduce_sum, barrier, build_deepspeed_config, build_engine, check_world, dist_env,
                                 init_distributed, shutdown, target_counts)
 from pmlm_engine.layout import SpecialIds, build_seq2seq_example, collate_padded
-from pmlm_engine.losses import LossOutput, pmlm_loss
+from pmlm_engine.losses import S2SFT_LOSS_DENOMINATOR_EPS, LabelSmoothing, LossOutput, pmlm_loss
 from pmlm_engine.model import PMLMModel, extend_positions
 from pmlm_engine.optim import OptimConfig
 from pmlm_engine.rng import derive_seed
@@ -102,6 +102,14 @@ class FinetuneConfig:
     """Label smoothing of the cross-entropy (torch's: ``eps`` spread uniformly over the vocabulary)."""
     target_mask_prob: float = 0.5
     """Probability of replacing a teacher-forced target copy by ``[MASK]``."""
+    recipe: str = "pmlm"
+    """``pmlm`` (default: [P] inputs always the pseudo token, masked copies ``[MASK]``, torch's label
+    smoothing) or ``s2s-ft`` (s2s-ft's corruption, KL label smoothing and loss normalisation; see
+    :func:`pmlm_engine.layout.s2sft_corruption` and :func:`pmlm_engine.losses.s2sft_smoothed_loss`)."""
+    keep_prob: float = 0.1
+    """``s2s-ft`` recipe: probability that a ``[P]`` input (and a corrupted copy) is the label itself."""
+    random_prob: float = 0.1
+    """``s2s-ft`` recipe: probability that it is a random token."""
     dtype: str = "fp32"
     """fp32 | bf16 (autocast; parameters and optimizer stay fp32)."""
     attention_backend: str = "auto"
@@ -127,6 +135,9 @@ class FinetuneConfig:
             (0 <= self.warmup_steps <= self.steps, "warmup_steps", f"in [0, steps={self.steps}]"),
             (0.0 <= self.label_smoothing < 1.0, "label_smoothing", "a value in [0, 1)"),
             (0.0 <= self.target_mask_prob < 1.0, "target_mask_prob", "a value in [0, 1)"),
+            (self.recipe in ("pmlm", "s2s-ft"), "recipe", "pmlm or s2s-ft"),
+            (0.0 <= self.keep_prob and 0.0 <= self.random_prob and self.keep_prob + self.random_prob <= 1.0,
+             "keep_prob", "keep_prob, random_prob >= 0 with keep_prob + random_prob <= 1"),
             (self.dtype in ("fp32", "bf16"), "dtype", "fp32 or bf16"),
             (self.max_examples >= 0, "max_examples", ">= 0 (0 = all)"),
             (self.log_every >= 1, "log_every", ">= 1"),
@@ -149,6 +160,10 @@ class FinetuneConfig:
                            data=DataConfig(batch_size=self.batch_size // env.world_size),
                            deepspeed=DeepSpeedSection(zero_stage=self.zero_stage))
 
+    def smoothing(self) -> LabelSmoothing:
+        """The loss's label smoothing: torch's for the ``pmlm`` recipe, s2s-ft's KL for ``s2s-ft``."""
+        return LabelSmoothing(self.label_smoothing, "s2s-ft" if self.recipe == "s2s-ft" else "torch")
+
     @property
     def positions_needed(self) -> int:
         """Position ids used by the longest example: ``[CLS] src [SEP]`` then the target."""
@@ -169,7 +184,8 @@ def resolve_tokenizer(spec: Optional[str], recorded: Optional[str]) -> str:
 
 
 def build_examples(enc: EncodedPairs, special: SpecialIds, target_mask_prob: float, seed: int, epoch: int,
-                   indices: Sequence[int]) -> list:
+                   indices: Sequence[int], recipe: str = "pmlm", keep_prob: float = 0.1,
+                   random_prob: float = 0.1) -> list:
     """Layouts of the examples ``indices``; the corruption of example ``i`` in ``epoch`` is seeded
     by ``derive_seed(seed, epoch, i)`` (reproducible, different every epoch)."""
     out = []
@@ -177,7 +193,8 @@ def build_examples(enc: EncodedPairs, special: SpecialIds, target_mask_prob: flo
         tgt = enc.tgt[i]
         if tgt is None:
             raise ValueError(f"example {enc.ids[i]!r} has no target; fine-tuning needs src and tgt")
-        out.append(build_seq2seq_example(enc.src[i], tgt, special, target_mask_prob, derive_seed(seed, epoch, i)))
+        out.append(build_seq2seq_example(enc.src[i], tgt, special, target_mask_prob, derive_seed(seed, epoch, i),
+                                         recipe, keep_prob, random_prob))
     return out
 
 
@@ -264,7 +281,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     if env.world_size > 1:  # dropout differs per rank (one process keeps the stream it always had)
         torch.manual_seed(derive_seed(cfg.seed, 0xD20, env.rank) & ((1 << 63) - 1))
-    engine = build_engine(model, tcfg, env, ds_config, label_smoothing=cfg.label_smoothing)
+    engine = build_engine(model, tcfg, env, ds_config, label_smoothing=cfg.smoothing())
+    denominator_eps = S2SFT_LOSS_DENOMINATOR_EPS if cfg.recipe == "s2s-ft" else 0.0
     if env.is_main:
         (out / "finetune_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     sampler = EpochSampler(len(enc.ids), cfg.batch_size, cfg.seed)  # the same global batches on every rank
@@ -281,13 +299,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             picks = sampler.next()[lo:hi]  # this rank's share of the global batch
             examples = []
             for epoch, i in picks:
-                examples += build_examples(enc, special, cfg.target_mask_prob, cfg.seed, epoch, [i])
+                examples += build_examples(enc, special, cfg.target_mask_prob, cfg.seed, epoch, [i], cfg.recipe,
+                                           cfg.keep_prob, cfg.random_prob)
             batch = collate_padded(examples, special.pad)
             local_targets = target_counts(batch)[1]
             n_par = max(float(all_reduce_sum(torch.tensor([float(local_targets)], dtype=torch.float64))[0]), 1.0)
             try:
                 _, par_sum = engine.forward(batch)
-                loss_t = par_sum / n_par  # mean over the global batch's target tokens
+                loss_t = par_sum / (n_par + denominator_eps)  # mean over the global batch's target tokens
                 engine.backward(loss_t)
             except RuntimeError as exc:
                 if step > 0:
@@ -362,6 +381,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> FinetuneConfig:
                    help=f"label smoothing (default {d.label_smoothing})")
     p.add_argument("--target-mask-prob", type=float, default=d.target_mask_prob,
                    help=f"probability of [MASK]ing a teacher-forced target copy (default {d.target_mask_prob})")
+    p.add_argument("--recipe", default=d.recipe, choices=["pmlm", "s2s-ft"],
+                   help="corruption + label smoothing + loss normalisation: pmlm (default) or s2s-ft's")
+    p.add_argument("--keep-prob", type=float, default=d.keep_prob,
+                   help=f"s2s-ft recipe: [P] input kept as the label (default {d.keep_prob})")
+    p.add_argument("--random-prob", type=float, default=d.random_prob,
+                   help=f"s2s-ft recipe: [P] input replaced by a random token (default {d.random_prob})")
     p.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16"], help="compute dtype (default fp32)")
     p.add_argument("--attention-backend", default=d.attention_backend,
                    help="auto | reference | sdpa | torch | triton (default auto)")
@@ -384,7 +409,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> FinetuneConfig:
     return FinetuneConfig(
         init=a.init, data=a.data, out=a.out, tokenizer=a.tokenizer, max_src_len=a.max_src_len,
         max_tgt_len=a.max_tgt_len, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
-        label_smoothing=a.label_smoothing, target_mask_prob=a.target_mask_prob, dtype=a.dtype,
+        label_smoothing=a.label_smoothing, target_mask_prob=a.target_mask_prob, recipe=a.recipe,
+        keep_prob=a.keep_prob, random_prob=a.random_prob, dtype=a.dtype,
         attention_backend=a.attention_backend, seed=a.seed, max_examples=a.max_examples, log_every=a.log_every,
         engine=a.engine, zero_stage=a.zero_stage)
 
