@@ -31,6 +31,13 @@ Rules (shared by greedy and beam search, and restated by the no-cache reference 
   (fairseq's rule) or at ``max_len`` (alive beams are then finished too); the best finished
   hypothesis by length-penalized score wins. ``K = 1`` is greedy search.
 
+``rules="s2s-ft"`` (``--beam-rules s2s-ft``) runs s2s-ft's own search instead
+(:func:`s2sft_beam_search`, :func:`s2sft_greedy_search`). The rules above differ from it on
+purpose: top ``2K`` so that a ``[SEP]`` does not cost a live beam, stopping once ``K``
+hypotheses finished (fairseq's rule) instead of running every step, ``-inf`` instead of
+``-10000`` penalties, the length penalty for every ``alpha`` (s2s-ft skips it unless
+``alpha > 0``), minimum length 0, and the special-token ban (s2s-ft's outputs can hold ``[MASK]``).
+
 Device-agnostic: every tensor is created on the model's device; nothing calls ``.cuda()``.
 Finished sentences are dropped from the batch (``KVCache.reorder``) so the cost follows the
 sentences still running.
@@ -75,6 +82,14 @@ class DecodeConfig:
     """Block repeated n-grams of this size (0 = off)."""
     ngram_ignore: tuple[int, ...] = ()
     """Token ids whose n-grams are never blocked."""
+    rules: str = "pmlm"
+    """``pmlm`` (this module's rules) or ``s2s-ft`` (s2s-ft's beam search, :func:`s2sft_beam_search`)."""
+    ban_special: bool = True
+    """Never generate ``[PAD] [CLS] [MASK] [P]``. Always on for ``pmlm`` rules; ``s2s-ft`` rules
+    without it reproduce s2s-ft exactly (which then may output ``[MASK]``)."""
+    max_seq_length: int = 0
+    """``s2s-ft`` rules: s2s-ft's ``--max_seq_length``; a batch runs
+    ``min(max_len, max_seq_length - longest source - 2)`` steps (0: ``max_len`` steps)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -83,6 +98,9 @@ class DecodeConfig:
             (0 <= self.min_len < self.max_len, "min_len", f"in [0, max_len={self.max_len})"),
             (math.isfinite(self.length_penalty), "length_penalty", "a finite number"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", ">= 0 (0 = off)"),
+            (self.rules in ("pmlm", "s2s-ft"), "rules", "pmlm or s2s-ft"),
+            (self.rules == "s2s-ft" or self.ban_special, "ban_special", "True under pmlm rules"),
+            (self.max_seq_length >= 0, "max_seq_length", ">= 0 (0 = off)"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -341,6 +359,190 @@ def beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeCon
     return [sorted(f, key=lambda h: -h.score) for f in finished]
 
 
+S2SFT_NEG = -10000.0
+"""s2s-ft's additive penalty (forbidden n-grams, [SEP] before min_len, children of finished beams)."""
+
+
+def s2sft_steps(cfg: DecodeConfig, sources: Sequence[Sequence[int]]) -> int:
+    """Steps s2s-ft runs for a batch: ``min(max_len, max_seq_length - longest source - 2)``."""
+    if not cfg.max_seq_length:
+        return cfg.max_len
+    steps = min(cfg.max_len, cfg.max_seq_length - max(len(s) for s in sources) - 2)
+    if steps < 1:
+        raise ValueError(f"max_seq_length={cfg.max_seq_length} leaves no target step for a source of "
+                         f"{max(len(s) for s in sources)} tokens; truncate sources to max_seq_length - 2 - max_len")
+    return steps
+
+
+def _trim(tokens: list[int], special: SpecialIds) -> list[int]:
+    """s2s-ft's output: the tokens before the first ``[SEP]`` or ``[PAD]``."""
+    for i, w in enumerate(tokens):
+        if w in (special.sep, special.pad):
+            return tokens[:i]
+    return tokens
+
+
+@torch.no_grad()
+def s2sft_greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
+                        special: SpecialIds) -> list[Hypothesis]:
+    """s2s-ft's greedy decoding (``beam_size 1``): the arg-max token every step, no minimum length and
+    no n-gram blocking (s2s-ft applies neither in greedy mode), output cut at the first ``[SEP]`` or
+    ``[PAD]``; optional special-token ban. A row stops at that token (later tokens are cut anyway)."""
+    logp = scorer.start(sources)
+    device = logp.device
+    banned = torch.tensor(banned_ids(special), device=device)
+    steps = s2sft_steps(cfg, sources)
+    alive = list(range(len(sources)))
+    hist: list[list[int]] = [[] for _ in sources]
+    sums = torch.zeros(len(sources), dtype=logp.dtype, device=device)
+    out: list[Optional[Hypothesis]] = [None] * len(sources)
+    for t in range(1, steps + 1):
+        if cfg.ban_special:
+            logp = logp.index_fill(1, banned, float("-inf"))
+        best_lp, best = logp.max(dim=-1)
+        sums = sums + best_lp
+        best_l, sums_l = best.tolist(), sums.tolist()
+        keep: list[int] = []
+        for r, i in enumerate(alive):
+            w = best_l[r]
+            end = w in (special.sep, special.pad)
+            if not end:
+                hist[i].append(w)
+            if end or t == steps:
+                out[i] = _hyp(hist[i], sums_l[r], t, w == special.sep, cfg.length_penalty)
+            else:
+                keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=device)
+            scorer.reorder(index)
+            best, sums = best.index_select(0, index), sums.index_select(0, index)
+            alive = [alive[r] for r in keep]
+        logp = scorer.step(best, t + 1)
+    return [h for h in out if h is not None]
+
+
+@torch.no_grad()
+def s2sft_beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
+                      special: SpecialIds) -> list[Hypothesis]:
+    """s2s-ft's beam search (``BertForSeq2SeqDecoder.beam_search``), rule for rule; one output per source.
+
+    * Step 1 takes the top ``K`` tokens; every later step takes the top ``K`` tokens of each beam
+      and keeps the top ``K`` of those ``K * K`` by summed log-probability. A ``[SEP]`` among them
+      uses up a beam slot; that beam's children get ``-10000`` added at the next step (it stays a
+      slot holder but is never extended in practice).
+    * Penalties are additive ``-10000`` as in s2s-ft: repeated n-grams (its rule: nothing is
+      blocked when the last ``n - 1`` tokens hold an ignored token, and an ignored token is never
+      blocked) and, filled rather than added, ``[SEP]`` at steps ``<= min_len``.
+    * It runs every step (:func:`s2sft_steps`), keeping every ``[SEP]`` hypothesis that enters the
+      top ``K``; the output is chosen among all of them plus the last frame's beams, frames up to
+      the first one whose ``K`` tokens are all ``[SEP]``. Ranking: the summed log-probability,
+      divided by ``((5 + len) / 6) ** alpha`` only when ``alpha > 0``; the first best wins ties.
+    * The output is cut at the first ``[SEP]`` or ``[PAD]``; ``cfg.ban_special`` optionally sets
+      ``[PAD] [CLS] [MASK] [P]`` to ``-inf`` first (s2s-ft has no such ban).
+    """
+    k = cfg.beam_size
+    logp = scorer.start(sources)  # (B, V)
+    device, dtype = logp.device, logp.dtype
+    b = len(sources)
+    steps = s2sft_steps(cfg, sources)
+    banned = torch.tensor(banned_ids(special), device=device)
+    ignore = frozenset(cfg.ngram_ignore)
+    frame_scores: list[Tensor] = []  # per step (B, K)
+    frame_ids: list[Tensor] = []
+    frame_ptrs: list[Tensor] = []
+    seqs: list[list[int]] = []  # per row (B*K) the partial sequence, [SEP]s included
+    offsets = (torch.arange(b, device=device) * k).unsqueeze(1)  # (B, 1)
+    for t in range(1, steps + 1):
+        if t > 1:
+            logp = scorer.step(frame_ids[-1].reshape(-1), t)  # (B*K, V)
+        if cfg.no_repeat_ngram_size and seqs and len(seqs[0]) >= cfg.no_repeat_ngram_size:
+            rows, cols = [], []
+            for r, seq in enumerate(seqs):
+                for w in _s2sft_dup_ngram(seq, cfg.no_repeat_ngram_size, ignore):
+                    rows.append(r)
+                    cols.append(w)
+            if rows:
+                forbid = torch.zeros_like(logp)
+                forbid[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = 1.0
+                logp = logp + forbid * S2SFT_NEG
+        if cfg.min_len and t <= cfg.min_len:
+            logp = logp.clone()
+            logp[:, special.sep] = S2SFT_NEG
+        if cfg.ban_special:
+            logp = logp.index_fill(1, banned, float("-inf"))
+        kk_scores, kk_ids = logp.topk(k, dim=-1)  # (B or B*K, K)
+        if t == 1:
+            scores, ids = kk_scores, kk_ids
+            ptrs = torch.zeros((b, k), dtype=torch.long, device=device)
+            scorer.reorder(torch.arange(b, device=device).repeat_interleave(k))
+            seqs = [[w] for w in ids.reshape(-1).tolist()]
+        else:
+            last_eos = (frame_ids[-1] == special.sep).to(dtype).reshape(-1, 1)
+            kk_scores = kk_scores + last_eos * S2SFT_NEG + frame_scores[-1].reshape(-1, 1)
+            scores, idx = kk_scores.reshape(b, k * k).topk(k, dim=-1)  # (B, K)
+            ptrs = torch.div(idx, k, rounding_mode="floor")
+            ids = kk_ids.reshape(b, k * k).gather(1, idx)
+            rows = (offsets + ptrs).reshape(-1)
+            scorer.reorder(rows)
+            seqs = [seqs[r] + [w] for r, w in zip(rows.tolist(), ids.reshape(-1).tolist())]
+        frame_scores.append(scores)
+        frame_ids.append(ids)
+        frame_ptrs.append(ptrs)
+    return _s2sft_select(frame_scores, frame_ids, frame_ptrs, cfg, special)
+
+
+def _s2sft_dup_ngram(seq: list[int], n: int, ignore: frozenset[int]) -> list[int]:
+    """s2s-ft's ``get_dup_ngram_candidates``: tokens that would repeat an n-gram of ``seq``."""
+    if len(seq) < n:
+        return []
+    tail = seq[len(seq) - n + 1:] if n > 1 else []
+    if ignore.intersection(tail):
+        return []
+    out = set()
+    for i in range(len(seq) - n + 1):
+        if seq[i:i + n - 1] == tail and seq[i + n - 1] not in ignore:
+            out.add(seq[i + n - 1])
+    return sorted(out)
+
+
+def _s2sft_select(frame_scores: list[Tensor], frame_ids: list[Tensor], frame_ptrs: list[Tensor], cfg: DecodeConfig,
+                  special: SpecialIds) -> list[Hypothesis]:
+    """s2s-ft's final choice and back-tracking (see :func:`s2sft_beam_search`)."""
+    scores = [f.tolist() for f in frame_scores]
+    ids = [f.tolist() for f in frame_ids]
+    ptrs = [f.tolist() for f in frame_ptrs]
+    out: list[Hypothesis] = []
+    for b in range(len(ids[0])):
+        last = len(ids) - 1
+        for fid in range(len(ids)):
+            if all(w == special.sep for w in ids[fid][b]):
+                last = fid
+                break
+        best, best_f, best_i = -math.inf, -1, -1
+        for fid in range(last + 1):
+            for i, w in enumerate(ids[fid][b]):
+                if w == special.sep or fid == last:
+                    s = scores[fid][b][i]
+                    if cfg.length_penalty > 0:
+                        s /= length_penalty(fid + 1, cfg.length_penalty)
+                    if s > best:
+                        best, best_f, best_i = s, fid, i
+        if best_f == -1:  # every score -inf (only possible with the ban): s2s-ft outputs [PAD], i.e. nothing
+            out.append(Hypothesis([], -math.inf, len(ids), -math.inf, False))
+            continue
+        seq = [ids[best_f][b][best_i]]
+        i = best_i
+        for fid in range(best_f, 0, -1):
+            i = ptrs[fid][b][i]
+            seq.append(ids[fid - 1][b][i])
+        seq.reverse()
+        ended = seq[-1] == special.sep
+        out.append(Hypothesis(_trim(seq, special), scores[best_f][b][best_i], best_f + 1, best, ended))
+    return out
+
+
 def generate(model: PMLMModel, sources: Sequence[Sequence[int]], special: SpecialIds,
              cfg: DecodeConfig) -> list[Hypothesis]:
     """Best hypothesis per source: greedy for ``beam_size == 1``, else beam search.
@@ -355,6 +557,9 @@ def generate(model: PMLMModel, sources: Sequence[Sequence[int]], special: Specia
                          "--max-len")
     scorer = CachedScorer(model, special)
     with torch.no_grad():
+        if cfg.rules == "s2s-ft":
+            search = s2sft_greedy_search if cfg.beam_size == 1 else s2sft_beam_search
+            return search(scorer, sources, cfg, special)
         if cfg.beam_size == 1:
             return greedy_search(scorer, sources, cfg, special)
         return [hyps[0] for hyps in beam_search(scorer, sources, cfg, special)]
@@ -410,7 +615,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy (default 1)")
     p.add_argument("--max-len", type=int, default=None,
                    help="most generated tokens incl. [SEP] (default: the fine-tuning max_tgt_len, else 48)")
-    p.add_argument("--min-len", type=int, default=0, help="[SEP] forbidden before this many tokens (default 0)")
+    p.add_argument("--min-len", type=int, default=None,
+                   help="[SEP] forbidden before this many tokens (default 0; 1 with --beam-rules s2s-ft)")
+    p.add_argument("--beam-rules", default="pmlm", choices=["pmlm", "s2s-ft"],
+                   help="search rules: pmlm (default, see above) or s2s-ft's beam search reproduced")
+    p.add_argument("--no-ban-special", action="store_true",
+                   help="with --beam-rules s2s-ft: allow [PAD]/[CLS]/[MASK] as s2s-ft does (default: banned)")
+    p.add_argument("--max-seq-length", type=int, default=0,
+                   help="with --beam-rules s2s-ft: s2s-ft's --max_seq_length; steps = min(max-len, this - longest "
+                        "source - 2) per batch (default 0: max-len steps)")
     p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha (default 0: none)")
     p.add_argument("--no-repeat-ngram", type=int, default=0, help="block repeated n-grams of this size (default off)")
     p.add_argument("--ngram-ignore", nargs="*", default=[], metavar="TOKEN",
@@ -442,10 +655,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}: "
                              "pass the tokenizer the model was fine-tuned with (--tokenizer)")
         cfg = DecodeConfig(beam_size=args.beam, max_len=args.max_len or ft.get("max_tgt_len", 48),
-                           min_len=args.min_len, length_penalty=args.length_penalty,
+                           min_len=args.min_len if args.min_len is not None else int(args.beam_rules == "s2s-ft"),
+                           length_penalty=args.length_penalty, rules=args.beam_rules,
+                           ban_special=not args.no_ban_special, max_seq_length=args.max_seq_length,
                            no_repeat_ngram_size=args.no_repeat_ngram,
                            ngram_ignore=token_ids(tokenizer, args.ngram_ignore))
-        max_src = args.max_src_len or ft.get("max_src_len", 464)
+        max_src = args.max_src_len or (cfg.max_seq_length - 2 - cfg.max_len if cfg.max_seq_length  # s2s-ft's cut
+                                       else ft.get("max_src_len", 464))
         records = load_pair_spec(args.input, default_split="test", require_tgt=False)
         log.info("decoding %d inputs with %s (max_src_len %d)", len(records), cfg, max_src)
         rows, stats = decode_records(model, tokenizer, records, cfg, max_src, args.batch_size)
