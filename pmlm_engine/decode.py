@@ -568,10 +568,23 @@ def generate(model: PMLMModel, sources: Sequence[Sequence[int]], special: Specia
 # --------------------------------------------------------------------------- CLI
 
 
+DETOK_MODES = ("surface", "rules", "tokenizer")
+
+
 def decode_records(model: PMLMModel, tokenizer: Any, records: Sequence[Any], cfg: DecodeConfig, max_src_len: int,
-                   batch_size: int, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Decode pair records (sources only), in batches of similar source length; output in input order."""
+                   batch_size: int, progress: bool = True,
+                   detok: str = "surface") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Decode pair records (sources only), in batches of similar source length; output in input order.
+
+    ``detok`` (:mod:`pmlm_engine.detok`): ``surface`` (default: punctuation rules, then the
+    source's own casing and spacing where the prediction copies it), ``rules`` (no source), or
+    ``tokenizer`` (the tokenizer's plain decode).
+    """
+    from .detok import detokenize
     from .s2s_data import encode_pairs
+
+    if detok not in DETOK_MODES:
+        raise ValueError(f"detok={detok!r}: expected one of {DETOK_MODES}")
 
     sources_only = [dataclasses.replace(r, tgt=None) for r in records]  # references play no part in decoding
     enc = encode_pairs(sources_only, tokenizer, max_src_len, max_tgt_len=2)
@@ -588,8 +601,12 @@ def decode_records(model: PMLMModel, tokenizer: Any, records: Sequence[Any], cfg
         hyps = generate(model, [enc.src[i] for i in idx], special, cfg)
         for i, h in zip(idx, hyps):
             generated += h.length
-            results[i] = {"id": enc.ids[i], "prediction": tokenizer.decode(h.tokens), "score": h.score,
-                          "length": h.length}
+            if detok == "tokenizer":
+                text = tokenizer.decode(h.tokens)
+            else:
+                src = records[i].src if detok == "surface" and isinstance(records[i].src, str) else None
+                text = detokenize(tokenizer, h.tokens, src)
+            results[i] = {"id": enc.ids[i], "prediction": text, "score": h.score, "length": h.length}
         bar.update(len(idx))
     bar.close()
     dt = time.perf_counter() - t0
@@ -631,6 +648,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-src-len", type=int, default=None,
                    help="source tokens kept (default: the fine-tuning max_src_len, else 464)")
     p.add_argument("--batch-size", type=int, default=16, help="sources per batch (default 16)")
+    p.add_argument("--detok", default="surface", choices=list(DETOK_MODES),
+                   help="text of the predictions: surface (default: readable text, the source's casing and spacing "
+                        "where it is copied), rules (readable, lowercase), tokenizer (the tokenizer's plain decode)")
     p.add_argument("--attention-backend", default="auto", help="auto | reference | sdpa | torch | triton")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     p.add_argument("--threads", type=int, default=None,
@@ -664,7 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        else ft.get("max_src_len", 464))
         records = load_pair_spec(args.input, default_split="test", require_tgt=False)
         log.info("decoding %d inputs with %s (max_src_len %d)", len(records), cfg, max_src)
-        rows, stats = decode_records(model, tokenizer, records, cfg, max_src, args.batch_size)
+        rows, stats = decode_records(model, tokenizer, records, cfg, max_src, args.batch_size, detok=args.detok)
         write_jsonl(rows, args.output)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
