@@ -189,22 +189,33 @@ class CachedScorer:
         self.cache = KVCache()
         self.main_len: Optional[Tensor] = None
 
+    def _new_cache(self, sources: Sequence[Sequence[int]]) -> KVCache:
+        return KVCache()
+
     def start(self, sources: Sequence[Sequence[int]]) -> Tensor:
         batch = source_batch(sources, self.special, self.device)
         self.main_len = batch.pop("main_len")
-        self.cache = KVCache()
+        self.cache = self._new_cache(sources)
         hidden = self.model(**batch, cache=self.cache)  # (B, M + 1, C)
+        n = len(sources)
+        self._two = torch.arange(2, device=self.device)
+        self._seg = torch.ones((n, 2), dtype=torch.long, device=self.device)
         return _log_softmax(self.model.lm_head(hidden[:, -1]))  # (B, V)
+
+    def _step_inputs(self, prev: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(ids, positions, segments, steps)`` ``(N, 2)`` of ``[y_{t-1}, [P]_t]``."""
+        assert self.main_len is not None
+        n = prev.shape[0]
+        pos = (self.main_len + (t - 2)).unsqueeze(1) + self._two
+        ids = torch.stack([prev, torch.full_like(prev, self.special.p)], dim=1)
+        step = torch.tensor([t - 1, -t], device=self.device).expand(n, 2)
+        return ids, pos, self._seg[:n], step
 
     def step(self, prev: Tensor, t: int) -> Tensor:
         if self.main_len is None:
             raise RuntimeError("CachedScorer.step() before start()")
-        n = prev.shape[0]
-        pos = (self.main_len + t - 2).unsqueeze(1) + torch.arange(2, device=self.device)  # (N, 2)
-        ids = torch.stack([prev, torch.full_like(prev, self.special.p)], dim=1)  # (N, 2)
-        step = torch.tensor([t - 1, -t], device=self.device).expand(n, 2)
-        ones = torch.ones((n, 2), dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, ones, step, doc_ids=ones - 1, cache=self.cache)  # (N, 2, C)
+        ids, pos, seg, step = self._step_inputs(prev, t)
+        hidden = self.model(ids, pos, seg, step, doc_ids=seg - 1, cache=self.cache)  # (N, 2, C)
         return _log_softmax(self.model.lm_head(hidden[:, 1]))  # (N, V)
 
     def reorder(self, index: Tensor) -> None:
@@ -212,6 +223,49 @@ class CachedScorer:
             raise RuntimeError("CachedScorer.reorder() before start()")
         self.cache.reorder(index)
         self.main_len = self.main_len.index_select(0, index)
+        if index.shape[0] > self._seg.shape[0]:
+            self._seg = torch.ones((index.shape[0], 2), dtype=torch.long, device=self.device)
+
+
+class StaticCachedScorer(CachedScorer):
+    """:class:`CachedScorer` on a static-capacity :class:`KVCache`: every step has the same shapes
+    and reads nothing back to the host.
+
+    The cache holds ``|main| + 1 + max_len`` columns from the start; each step writes its two
+    tokens at a device-side cursor and attends the whole buffer (unwritten columns are masked
+    out by ``doc_id -1``); the step counter is a device tensor advanced in place. So
+    :meth:`step` for a fixed batch is a fixed sequence of kernels on fixed buffers: on a GPU it
+    can be captured once with ``torch.cuda.CUDAGraph`` and replayed (inputs copied into the
+    captured ``prev`` tensor), provided the attention backend itself does not synchronise.
+    Steps must come in order ``t = 2, 3, ...``; :meth:`reorder` changes the batch shape, so a
+    captured graph is only valid until the next reorder (greedy search without dropping rows,
+    or beam search with a fixed ``B * K``). On the CPU it computes the same tokens and scores
+    as :class:`CachedScorer` (tested), at the cost of attending the whole capacity.
+    """
+
+    def __init__(self, model: PMLMModel, special: SpecialIds, max_len: int) -> None:
+        super().__init__(model, special)
+        self.max_len = max_len
+
+    def _new_cache(self, sources: Sequence[Sequence[int]]) -> KVCache:
+        main = max(len(s) for s in sources) + 2
+        return KVCache(capacity=main + 1 + self.max_len)
+
+    def start(self, sources: Sequence[Sequence[int]]) -> Tensor:
+        out = super().start(sources)
+        self._t = torch.full((1,), 2, dtype=torch.long, device=self.device)  # the next step's t
+        self._signs = torch.tensor([1, -1], device=self.device)
+        self._shift = torch.tensor([-1, 0], device=self.device)
+        return out
+
+    def _step_inputs(self, prev: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert self.main_len is not None
+        n = prev.shape[0]
+        pos = (self.main_len.unsqueeze(1) + (self._t - 2)) + self._two  # (N, 2), from the device counter
+        ids = torch.stack([prev, torch.full_like(prev, self.special.p)], dim=1)
+        step = ((self._t + self._shift) * self._signs).expand(n, 2)  # [t - 1, -t]
+        self._t += 1
+        return ids, pos, self._seg[:n], step
 
 
 # --------------------------------------------------------------------------- constraints
@@ -261,38 +315,43 @@ def constrain(logp: Tensor, histories: Sequence[Sequence[int]], t: int, cfg: Dec
 @torch.no_grad()
 def greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
                   special: SpecialIds) -> list[Hypothesis]:
-    """Greedy decoding of a batch; one :class:`Hypothesis` per source, in input order."""
+    """Greedy decoding of a batch; one :class:`Hypothesis` per source, in input order.
+
+    Bookkeeping is batched: the live rows' tokens go into one ``(B, max_len)`` tensor and the
+    host reads one flag per step (did a row end?) instead of every row's token.
+    """
     logp = scorer.start(sources)  # (B, V)
     device = logp.device
+    b = len(sources)
     banned = torch.tensor(banned_ids(special), device=device)
-    alive = list(range(len(sources)))  # source index of each live row
-    hist: list[list[int]] = [[] for _ in sources]
-    sums = torch.zeros(len(sources), dtype=logp.dtype, device=device)  # (N,) live rows' summed log-probs
-    out: list[Optional[Hypothesis]] = [None] * len(sources)
+    rows = torch.arange(b, device=device)  # (N,) source index of each live row
+    tokens = torch.full((b, cfg.max_len), special.pad, dtype=torch.long, device=device)
+    sums = torch.zeros(b, dtype=logp.dtype, device=device)  # (N,) live rows' summed log-probs
+    total = torch.zeros(b, dtype=logp.dtype, device=device)  # per source, once finished
+    length = torch.zeros(b, dtype=torch.long, device=device)
     for t in range(1, cfg.max_len + 1):
-        logp = constrain(logp, [hist[i] for i in alive], t, cfg, special, banned)
+        hist = [tokens[i, :t - 1].tolist() for i in rows.tolist()] if cfg.no_repeat_ngram_size else []
+        logp = constrain(logp, hist, t, cfg, special, banned)
         best_lp, best = logp.max(dim=-1)  # (N,)
         sums = sums + best_lp
-        best_l, sums_l = best.tolist(), sums.tolist()
-        keep: list[int] = []
-        for r, i in enumerate(alive):
-            w = best_l[r]
-            if w == special.sep or t == cfg.max_len:
-                if w != special.sep:
-                    hist[i].append(w)
-                out[i] = _hyp(hist[i], sums_l[r], t, w == special.sep, cfg.length_penalty)
-            else:
-                hist[i].append(w)
-                keep.append(r)
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            index = torch.tensor(keep, device=device)
-            scorer.reorder(index)
-            best, sums = best.index_select(0, index), sums.index_select(0, index)
-            alive = [alive[r] for r in keep]
+        tokens[rows, t - 1] = best
+        ended = best == special.sep
+        if t == cfg.max_len:
+            ended = torch.ones_like(ended)
+        if bool(ended.any()):  # the one host read per step
+            done = rows[ended]
+            total[done], length[done] = sums[ended], t
+            keep = (~ended).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            scorer.reorder(keep)
+            rows, best, sums = rows[keep], best[keep], sums[keep]
         logp = scorer.step(best, t + 1)
-    return [h for h in out if h is not None]
+    out = []
+    for toks, lp, n in zip(tokens.tolist(), total.tolist(), length.tolist()):
+        ended = toks[n - 1] == special.sep
+        out.append(_hyp(toks[:n - 1] if ended else toks[:n], lp, n, ended, cfg.length_penalty))
+    return out
 
 
 @torch.no_grad()
@@ -544,7 +603,7 @@ def _s2sft_select(frame_scores: list[Tensor], frame_ids: list[Tensor], frame_ptr
 
 
 def generate(model: PMLMModel, sources: Sequence[Sequence[int]], special: SpecialIds,
-             cfg: DecodeConfig) -> list[Hypothesis]:
+             cfg: DecodeConfig, static: bool = False) -> list[Hypothesis]:
     """Best hypothesis per source: greedy for ``beam_size == 1``, else beam search.
 
     Raises:
@@ -555,7 +614,7 @@ def generate(model: PMLMModel, sources: Sequence[Sequence[int]], special: Specia
         raise ValueError(f"source of {longest - 2 - cfg.max_len} tokens + [CLS] [SEP] + max_len={cfg.max_len} needs "
                          f"{longest} positions but the model has {model.config.max_position}: lower --max-src-len or "
                          "--max-len")
-    scorer = CachedScorer(model, special)
+    scorer = StaticCachedScorer(model, special, cfg.max_len) if static else CachedScorer(model, special)
     with torch.no_grad():
         if cfg.rules == "s2s-ft":
             search = s2sft_greedy_search if cfg.beam_size == 1 else s2sft_beam_search
