@@ -90,6 +90,13 @@ class DecodeConfig:
     max_seq_length: int = 0
     """``s2s-ft`` rules: s2s-ft's ``--max_seq_length``; a batch runs
     ``min(max_len, max_seq_length - longest source - 2)`` steps (0: ``max_len`` steps)."""
+    repetition_penalty: float = 1.0
+    """CTRL's repetition penalty on log-probabilities: a token already in the hypothesis has its
+    log-probability multiplied by this (``> 1`` discourages repeats; 1 = off)."""
+    coverage_penalty: float = 0.0
+    """Source-coverage penalty ``beta``: the ``k``-th use of token ``w`` costs
+    ``beta * max(0, k - max(1, count of w in the source))`` (each source copy of a token may be
+    used once, a token absent from the source once; 0 = off)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,6 +108,8 @@ class DecodeConfig:
             (self.rules in ("pmlm", "s2s-ft"), "rules", "pmlm or s2s-ft"),
             (self.rules == "s2s-ft" or self.ban_special, "ban_special", "True under pmlm rules"),
             (self.max_seq_length >= 0, "max_seq_length", ">= 0 (0 = off)"),
+            (self.repetition_penalty >= 1.0, "repetition_penalty", ">= 1 (1 = off)"),
+            (self.coverage_penalty >= 0.0, "coverage_penalty", ">= 0 (0 = off)"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -290,9 +299,47 @@ def blocked_ngram_tokens(history: Sequence[int], n: int, ignore: frozenset[int])
     return out
 
 
+def uses_history(cfg: DecodeConfig) -> bool:
+    """Whether :func:`constrain` needs the hypotheses' tokens (n-gram blocking or a repetition penalty)."""
+    return bool(cfg.no_repeat_ngram_size) or cfg.repetition_penalty != 1.0 or cfg.coverage_penalty > 0
+
+
+def penalize_repeats(logp: Tensor, histories: Sequence[Sequence[int]], cfg: DecodeConfig,
+                     sources: Optional[Sequence[Sequence[int]]] = None) -> Tensor:
+    """The repetition and coverage penalties (see :class:`DecodeConfig`) on ``(N, V)`` log-probabilities, in place.
+
+    ``sources``: per row, the source tokens (for the coverage penalty).
+    """
+    if cfg.repetition_penalty == 1.0 and cfg.coverage_penalty == 0:
+        return logp
+    rows: list[int] = []
+    cols: list[int] = []
+    extra: list[float] = []
+    for r, hist in enumerate(histories):
+        counts: dict[int, int] = {}
+        for w in hist:
+            counts[w] = counts.get(w, 0) + 1
+        src_counts: dict[int, int] = {}
+        if cfg.coverage_penalty and sources is not None:
+            for w in sources[r]:
+                src_counts[w] = src_counts.get(w, 0) + 1
+        for w, c in counts.items():
+            rows.append(r)
+            cols.append(w)
+            extra.append(cfg.coverage_penalty * max(0, c + 1 - max(1, src_counts.get(w, 0))))
+    if not rows:
+        return logp
+    r_t = torch.tensor(rows, device=logp.device)
+    c_t = torch.tensor(cols, device=logp.device)
+    picked = logp[r_t, c_t] * cfg.repetition_penalty - torch.tensor(extra, dtype=logp.dtype, device=logp.device)
+    logp[r_t, c_t] = picked
+    return logp
+
+
 def constrain(logp: Tensor, histories: Sequence[Sequence[int]], t: int, cfg: DecodeConfig, special: SpecialIds,
-              banned: Tensor) -> Tensor:
-    """Apply the generation rules to ``(N, V)`` log-probabilities of token ``t`` (returns a new tensor)."""
+              banned: Tensor, sources: Optional[Sequence[Sequence[int]]] = None) -> Tensor:
+    """Apply the generation rules to ``(N, V)`` log-probabilities of token ``t`` (returns a new tensor):
+    banned ids, ``min_len``, n-gram blocking, then the repetition / coverage penalties (``sources``: per row)."""
     logp = logp.index_fill(1, banned, float("-inf"))
     if t - 1 < cfg.min_len:
         logp[:, special.sep] = float("-inf")
@@ -306,7 +353,7 @@ def constrain(logp: Tensor, histories: Sequence[Sequence[int]], t: int, cfg: Dec
                 cols.append(w)
         if rows:
             logp[torch.tensor(rows, device=logp.device), torch.tensor(cols, device=logp.device)] = float("-inf")
-    return logp
+    return penalize_repeats(logp, histories, cfg, sources)
 
 
 # --------------------------------------------------------------------------- search
@@ -330,8 +377,9 @@ def greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeC
     total = torch.zeros(b, dtype=logp.dtype, device=device)  # per source, once finished
     length = torch.zeros(b, dtype=torch.long, device=device)
     for t in range(1, cfg.max_len + 1):
-        hist = [tokens[i, :t - 1].tolist() for i in rows.tolist()] if cfg.no_repeat_ngram_size else []
-        logp = constrain(logp, hist, t, cfg, special, banned)
+        live = rows.tolist() if uses_history(cfg) else []
+        hist = [tokens[i, :t - 1].tolist() for i in live]
+        logp = constrain(logp, hist, t, cfg, special, banned, [sources[i] for i in live])
         best_lp, best = logp.max(dim=-1)  # (N,)
         sums = sums + best_lp
         tokens[rows, t - 1] = best
@@ -372,7 +420,8 @@ def beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeCon
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     for t in range(1, cfg.max_len + 1):
         n = len(alive)
-        logp = constrain(logp, [h for slot in hist for h in slot], t, cfg, special, banned)
+        logp = constrain(logp, [h for slot in hist for h in slot], t, cfg, special, banned,
+                         [sources[i] for i in alive for _ in range(k)])
         cand = (beam_scores.reshape(-1, 1) + logp).reshape(n, k * vocab)  # (n, K*V)
         top_scores, top_idx = cand.topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
         ts, ti = top_scores.tolist(), top_idx.tolist()
@@ -704,6 +753,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-repeat-ngram", type=int, default=0, help="block repeated n-grams of this size (default off)")
     p.add_argument("--ngram-ignore", nargs="*", default=[], metavar="TOKEN",
                    help="vocabulary tokens whose n-grams are never blocked (s2s-ft used '.')")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="multiply the log-probability of tokens already generated by this (CTRL; default 1 = off)")
+    p.add_argument("--coverage-penalty", type=float, default=0.0,
+                   help="subtract beta per use of a token beyond its count in the source (default 0 = off)")
     p.add_argument("--max-src-len", type=int, default=None,
                    help="source tokens kept (default: the fine-tuning max_src_len, else 464)")
     p.add_argument("--batch-size", type=int, default=16, help="sources per batch (default 16)")
@@ -738,7 +791,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            length_penalty=args.length_penalty, rules=args.beam_rules,
                            ban_special=not args.no_ban_special, max_seq_length=args.max_seq_length,
                            no_repeat_ngram_size=args.no_repeat_ngram,
-                           ngram_ignore=token_ids(tokenizer, args.ngram_ignore))
+                           ngram_ignore=token_ids(tokenizer, args.ngram_ignore),
+                           repetition_penalty=args.repetition_penalty, coverage_penalty=args.coverage_penalty)
         max_src = args.max_src_len or (cfg.max_seq_length - 2 - cfg.max_len if cfg.max_seq_length  # s2s-ft's cut
                                        else ft.get("max_src_len", 464))
         records = load_pair_spec(args.input, default_split="test", require_tgt=False)

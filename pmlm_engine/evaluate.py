@@ -22,6 +22,10 @@ When both sides carry ids (JSONL or built-in) they are matched by id and every r
 needs exactly one prediction; otherwise they are matched by line order and the counts must be
 equal. Mismatches are errors naming the ids or counts. Empty predictions score 0 and are counted.
 
+Repetition (``--repetition``): per system, the share of predictions that repeat a content word
+(a lowercase alphanumeric word outside :data:`STOPWORDS`, e.g. "perl module for perl") and the
+share that repeat a word bigram (:func:`repetition_rates`).
+
 Baselines (``--baseline``, repeatable; they need sources: JSONL references with ``"src"`` or a
 built-in split):
 
@@ -140,6 +144,23 @@ def lead_sentences(text: str, k: int) -> str:
 
 
 BASELINES = ("lead-words", "lead-sentences")
+
+STOPWORDS = frozenset("""a an the of in on at to for from by with and or but as is are was were be been it its
+    this that these those he she they we you i his her their our your not no s t""".split())
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def repetition_rates(texts: Sequence[str]) -> dict[str, float]:
+    """Percent of ``texts`` repeating a content word / a word bigram (lowercased alphanumeric words)."""
+    word = bigram = 0
+    for text in texts:
+        words = _WORD.findall(text.lower())
+        content = [w for w in words if w not in STOPWORDS]
+        word += len(set(content)) < len(content)
+        pairs = list(zip(words, words[1:]))
+        bigram += len(set(pairs)) < len(pairs)
+    n = max(len(texts), 1)
+    return {"repeated_word_pct": 100.0 * word / n, "repeated_bigram_pct": 100.0 * bigram / n}
 
 
 def parse_baseline(spec: str) -> tuple[str, int]:
@@ -262,6 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="add a baseline: lead-words:N (first N words) or lead-sentences:K (first K sentences); "
                         "repeatable")
     p.add_argument("--cased-bleu", action="store_true", help="case-sensitive BLEU (default: lowercased)")
+    p.add_argument("--repetition", action="store_true",
+                   help="also report the share of predictions repeating a content word / a word bigram")
     p.add_argument("--output", default=None, help="write the scores as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -271,8 +294,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("nothing to score: give --pred FILE and/or --baseline lead-words:N | lead-sentences:K")
         refs = read_references(args.ref)
         rows = []
+        repetition: dict[str, dict[str, float]] = {}
         for f in args.pred:
-            rows.append(score(align(read_predictions(f), refs), refs.texts, Path(f).name, not args.cased_bleu))
+            preds = align(read_predictions(f), refs)
+            rows.append(score(preds, refs.texts, Path(f).name, not args.cased_bleu))
+            if args.repetition:
+                repetition[Path(f).name] = repetition_rates(preds)
         for kind, n in baselines:
             if refs.sources is None:
                 raise ValueError(f"baselines need sources: {args.ref} has no \"src\" field")
@@ -284,10 +311,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(markdown(rows))
+    if args.repetition:
+        repetition["references"] = repetition_rates(refs.texts)
+        for name, rates in repetition.items():
+            print(f"{name}: {rates['repeated_word_pct']:.1f}% repeat a content word, "
+                  f"{rates['repeated_bigram_pct']:.1f}% a word bigram")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({"references": args.ref, "scores": [asdict(r) for r in rows]},
-                                                indent=2))
+        out: dict[str, Any] = {"references": args.ref, "scores": [asdict(r) for r in rows]}
+        if args.repetition:
+            out["repetition"] = repetition
+        Path(args.output).write_text(json.dumps(out, indent=2))
     return 0
 
 
