@@ -40,13 +40,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from common import environment, markdown_table
 from torch import Tensor
 
-from common import environment, markdown_table
 from pmlm_engine.attention import RelativePositionBias, pseudo_mask_attention
 from pmlm_engine.config import PRESETS, ModelConfig
-from pmlm_engine.decode import (CachedScorer, DecodeConfig, StaticCachedScorer, beam_search, greedy_search,
-                                source_batch)
+from pmlm_engine.decode import CachedScorer, DecodeConfig, StaticCachedScorer, beam_search, greedy_search, source_batch
 from pmlm_engine.layout import SpecialIds
 from pmlm_engine.model import PMLMModel
 
@@ -179,21 +178,23 @@ def build_model(seed: int = 0, size: str = "small") -> PMLMModel:
     return model
 
 
-def run_decode_suite(quick: bool, smoke: bool = False, sizes: Sequence[str] = ("small",)) -> list[dict]:
+def run_decode_suite(quick: bool, smoke: bool = False, sizes: Sequence[str] = ("small",),
+                     searches: Sequence[str] = ("greedy", "beam5")) -> list[dict]:
     """Cached (growing and static) vs s2s-ft-style decoding at target length 64: greedy and beam 5 at batch 1
     (quick), plus greedy at batch 8 and beam 5 at batch 4 (full), per model size. ``smoke``: greedy and beam 5
     at source 32, target 8, one repeat (that the suite runs and reports, for CI; not how fast). Rows as dicts
     (:class:`DecodeResult`)."""
     rows: list[dict] = []
     for size in sizes:
-        rows += _suite_at(size, quick, smoke)
+        rows += _suite_at(size, quick, smoke, searches)
     return rows
 
 
-def _suite_at(size: str, quick: bool, smoke: bool) -> list[dict]:
+def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str]) -> list[dict]:
     model = build_model(size=size)
     g = torch.Generator().manual_seed(1)
     settings = [("greedy", 1, 1), ("beam5", 5, 1)] + ([] if quick or smoke else [("greedy", 1, 8), ("beam5", 5, 4)])
+    settings = [s for s in settings if s[0] in searches]
     repeats = 1 if smoke else 3 if quick else 5
     src_len, tgt_len = (32, 8) if smoke else (SRC_LEN, TGT_LEN)
     rows: list[dict] = []
@@ -238,6 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
+    p.add_argument("--search", default="greedy,beam5", help="comma-separated: greedy, beam5 (default both)")
     p.add_argument("--sizes", default="small", help=f"comma-separated model sizes of {sorted(SIZES)} (default small)")
     args = p.parse_args(argv)
     sizes = args.sizes.split(",")
@@ -250,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     print(f"models: {', '.join(sizes)} + relative bias, fp32, random weights; source {SRC_LEN} tokens, "
           f"target {TGT_LEN} tokens; load average before: {os.getloadavg()}\n")
-    rows = run_decode_suite(args.quick, sizes=sizes)
+    rows = run_decode_suite(args.quick, sizes=sizes, searches=args.search.split(","))
     print(f"load average after: {os.getloadavg()}")
     print(markdown_table(rows, ["size", "search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s",
                                 "e2e_tokens_per_s", "decode_speedup", "e2e_speedup", "same_tokens"]))

@@ -81,8 +81,8 @@ from .model import PMLMModel
 log = logging.getLogger(__name__)
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_IGNORED = (re.compile(r"^pooler\."), re.compile(r"^cls\.seq_relationship\."), re.compile(r"^embeddings\.position_ids$"),
-            re.compile(r"^crit_mask_lm_smoothed\.one_hot$"))
+_IGNORED = (re.compile(r"^pooler\."), re.compile(r"^cls\.seq_relationship\."),
+            re.compile(r"^embeddings\.position_ids$"), re.compile(r"^crit_mask_lm_smoothed\.one_hot$"))
 S2SFT_SMOOTHING_KEY = "crit_mask_lm_smoothed.one_hot"
 """s2s-ft's ``LabelSmoothingLoss`` buffer, saved in every fine-tuned checkpoint trained with smoothing."""
 _LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.")

@@ -53,7 +53,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import torch

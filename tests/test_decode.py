@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pmlm_engine.decode import (CachedScorer, DecodeConfig, Hypothesis, StaticCachedScorer, beam_search, generate,
-                                greedy_search)
+from pmlm_engine.decode import (
+    CachedScorer,
+    DecodeConfig,
+    Hypothesis,
+    StaticCachedScorer,
+    beam_search,
+    generate,
+    greedy_search,
+)
 from pmlm_engine.layout import build_seq2seq_example, collate_padded
 
 from .helpers import SPECIAL, tiny_model

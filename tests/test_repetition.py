@@ -10,7 +10,7 @@ import torch
 from pmlm_engine.decode import DecodeConfig, beam_search, greedy_search
 from pmlm_engine.evaluate import repetition_rates
 
-from .test_s2sft_beam import SPECIAL, V, TableScorer
+from .test_s2sft_beam import SPECIAL, TableScorer, V
 
 SRC = [[7, 7, 8, 9]]
 

@@ -204,7 +204,8 @@ def test_s2sft_export_matches_decode_seq2seq_names_and_shapes(tmp_path: Path, bu
     assert set(state) - set(need) == {"cls.predictions.decoder_weight", "crit_mask_lm_smoothed.one_hot"}
     assert torch.equal(state["cls.predictions.decoder_weight"], state["bert.embeddings.word_embeddings.weight"])
     one_hot = state["crit_mask_lm_smoothed.one_hot"]
-    assert one_hot.shape == (1, V) and one_hot[0, 0] == 0 and torch.allclose(one_hot[0, 1:], torch.tensor(0.1 / (V - 2)))
+    assert one_hot.shape == (1, V) and one_hot[0, 0] == 0
+    assert torch.allclose(one_hot[0, 1:], torch.tensor(0.1 / (V - 2)))
 
 
 def test_both_decoder_names_or_both_tables_are_refused():
