@@ -119,3 +119,35 @@ def test_pmlm_loss_with_s2sft_smoothing_and_normalisation():
     torch.testing.assert_close(out.token_loss.sum() / (n + 1e-5), s2sft_loss, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="kind"):
         LabelSmoothing(0.1, "fairseq")
+
+
+def test_finetune_with_s2sft_recipe_then_export_to_s2sft(tmp_path):
+    """A 3-step run with --recipe s2s-ft (CLI) trains on finite losses; its model folder is self-contained and
+    exports to s2s-ft's layout with the run's label smoothing recorded."""
+    import json
+
+    from pmlm_engine.checkpoint import save_model
+    from pmlm_engine.config import ModelConfig
+    from pmlm_engine.convert import main as convert_main
+    from pmlm_engine.corpus import minilm_dir
+    from pmlm_engine.finetune import main as finetune_main
+    from pmlm_engine.model import PMLMModel
+
+    torch.manual_seed(0)
+    init = save_model(PMLMModel(ModelConfig(vocab_size=30522, hidden_size=16, num_layers=1, num_heads=2,
+                                            intermediate_size=32, max_position=64)),
+                      tmp_path / "init", extra={"tokenizer": str(minilm_dir() / "vocab.txt")})
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"src": f"the council met on day {i} to vote", "tgt": f"vote {i}"}) + "\n"
+                            for i in range(4)))
+    out = tmp_path / "ft"
+    assert finetune_main(["--init", str(init), "--data", str(data), "--out", str(out), "--steps", "3",
+                          "--batch-size", "2", "--warmup", "1", "--max-src-len", "16", "--max-tgt-len", "8",
+                          "--recipe", "s2s-ft", "--log-every", "1", "--threads", "1"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["finetune"]["recipe"] == "s2s-ft" and cfg["tokenizer"] == "vocab.txt"
+    assert convert_main(["export-s2s-ft", str(out / "final"), str(tmp_path / "s2s")]) == 0
+    s2s_cfg = json.loads((tmp_path / "s2s" / "config.json").read_text())
+    assert s2s_cfg["label_smoothing"] == 0.1 and (tmp_path / "s2s" / "vocab.txt").is_file()
