@@ -105,3 +105,12 @@ def test_model_folder_is_self_contained(tmp_path: Path, tok):
     assert torch.equal(load_model(moved).embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
     config = json.loads((moved / "config.json").read_text())
     assert not Path(config["tokenizer"]).is_absolute()
+
+
+def test_most_frequent_surface_form_wins(tok):
+    """A run found several times takes its most frequent form: a sentence-initial "The" does not capitalise
+    "the" elsewhere, while a name keeps its capitals."""
+    source = "The cat saw the dog and the bird. Apple sold apple juice to Apple stores."
+    assert detokenize(tok, tok.encode("dog and the apple"), source) == "dog and the Apple"
+    assert detokenize(tok, tok.encode("the bird saw apple"), source) == "the bird saw Apple"
+    assert detokenize(tok, tok.encode("the"), source) == "the"
