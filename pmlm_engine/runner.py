@@ -431,7 +431,8 @@ class Runner:
                     ae_n, par_n = target_counts(b)
                     counts += torch.tensor([ae_n, par_n], dtype=torch.float64)
                 all_reduce_sum(counts)
-                n_ae, n_par = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
+                n_ae = max(float(counts[0]), 1.0)
+                n_par = max(float(counts[1]), 1.0) + task.par_denominator_eps
                 sums = torch.zeros(4, dtype=torch.float64)  # ae sum, par sum, tokens, stop requests
                 for b in batches:
                     ae_sum, par_sum = engine.forward(b)

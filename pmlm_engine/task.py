@@ -45,7 +45,13 @@ class Task:
         """Values beside the config that a resumed run must share (e.g. the vocabulary's sha256)."""
 
     @property
-    def label_smoothing(self) -> float:
+    def label_smoothing(self) -> Any:
+        """Of the cross-entropy: torch's ``eps`` (a float) or a :class:`pmlm_engine.losses.LabelSmoothing`."""
+        return 0.0
+
+    @property
+    def par_denominator_eps(self) -> float:
+        """Added to the global PAR target count in the objective's denominator (s2s-ft's recipe: 1e-5)."""
         return 0.0
 
     @property

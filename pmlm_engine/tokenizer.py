@@ -246,6 +246,12 @@ class WordPieceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` and each token's ``(start, end)`` character span in ``text``
+        (for :func:`pmlm_engine.detok.detokenize`'s surface restoration)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def _decode(self, ids: list[int]) -> str:
         text = self._tok.decode(ids, skip_special_tokens=False)
         # transformers' clean_up_tokenization: the library's decoder cleans token by token and
