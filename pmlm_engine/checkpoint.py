@@ -2,7 +2,9 @@
 
 * Model folders (:func:`save_model`, :func:`save_state`, :func:`load_model`): ``model.safetensors``
   (fp32, the tied decoder stored once) + ``config.json``. The exchange format between
-  pre-training, fine-tuning and decoding.
+  pre-training, fine-tuning and decoding. A folder is self-contained: the tokenizer file named
+  in ``extra["tokenizer"]`` is copied in and recorded by its name, relative to the folder
+  (:func:`model_tokenizer` resolves it), so a copied folder works on another machine.
 * Training checkpoints (:class:`CheckpointManager`): one folder per saved step under a root::
 
       <root>/step00000200/    # engine files (DeepSpeed's or the torch engine's), rng-rank*.safetensors,
@@ -106,12 +108,19 @@ def save_model(model: PMLMModel, path: str | os.PathLike, extra: dict[str, Any] 
 
 def save_state(state: Mapping[str, Tensor], config: ModelConfig, path: str | os.PathLike,
                extra: dict[str, Any] | None = None) -> Path:
-    """:func:`save_model` from a state dict (e.g. fp32 master weights gathered from DeepSpeed)."""
+    """:func:`save_model` from a state dict (e.g. fp32 master weights gathered from DeepSpeed).
+
+    ``extra["tokenizer"]``, when it names an existing file or folder, is copied into the model
+    folder and recorded as its relative name (:func:`bundle_tokenizer`).
+    """
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items() if k != TIED}
     check_finite(tensors, f"the model to be written to {path}")
+    extra = dict(extra or {})
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pmlm-engine"})
-        (tmp / CONFIG).write_text(json.dumps({"model": to_dict(config), **(extra or {})}, indent=2))
+        if extra.get("tokenizer"):
+            extra["tokenizer"] = bundle_tokenizer(extra["tokenizer"], tmp)
+        (tmp / CONFIG).write_text(json.dumps({"model": to_dict(config), **extra}, indent=2))
     return Path(path)
 
 
@@ -136,6 +145,38 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
             raise
         raise DamagedInputError(f"{path} is not a readable .safetensors file ({' '.join(str(exc).split())}): "
                                 f"it is damaged or truncated; re-export or re-copy it") from None
+
+
+def bundle_tokenizer(tokenizer: str | os.PathLike, folder: Path) -> str:
+    """Copy a tokenizer file (or folder) into ``folder``; returns the name to record.
+
+    A path that does not exist (e.g. a name resolved elsewhere) is recorded unchanged. A
+    tokenizer already inside ``folder`` keeps its relative name.
+    """
+    src = Path(tokenizer)
+    if not src.exists():
+        return str(tokenizer)
+    name = src.name if src.name not in (WEIGHTS, CONFIG) else f"tokenizer-{src.name}"
+    dst = folder / name
+    if src.resolve() != dst.resolve():
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(src, dst)
+    return name
+
+
+def model_tokenizer(path: str | os.PathLike) -> Optional[str]:
+    """The tokenizer recorded in a model folder's config, as a usable path (None if none is recorded).
+
+    Relative names (what :func:`save_state` writes) are resolved against the folder; absolute
+    paths written by older versions are returned as they are.
+    """
+    recorded = read_config(path).get("tokenizer")
+    if not recorded:
+        return None
+    p = Path(recorded)
+    return str(p if p.is_absolute() else Path(path) / p)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -100,6 +100,9 @@ FLAGS = {f.name: f for f in [
     Flag("--target-mask-prob", "data.target_mask_prob", "probability of [MASK]ing a teacher-forced target token",
          float),
     Flag("--max-examples", "data.max_examples", "use only the first N pairs (0 = all)", int, metavar="N"),
+    Flag("--recipe", "recipe", "corruption + label smoothing + loss normalisation", choices=["pmlm", "s2s-ft"]),
+    Flag("--keep-prob", "data.keep_prob", "s2s-ft recipe: [P] input kept as the label", float),
+    Flag("--random-prob", "data.random_prob", "s2s-ft recipe: [P] input replaced by a random token", float),
     # decoding
     Flag("--device", "device", "torch device: cpu, cuda:0, ..."),
     Flag("--beam", "search.beam_size", "beam size (1 = greedy)", int, aliases=("--num_beams",), metavar="K"),
@@ -107,17 +110,24 @@ FLAGS = {f.name: f for f in [
     Flag("--length-penalty", "search.length_penalty", "GNMT alpha", float, metavar="A"),
     Flag("--no-repeat-ngram", "search.no_repeat_ngram_size", "block repeated n-grams of this size", int,
          aliases=("--no_repeat_ngram_size",), metavar="N"),
-    Flag("--max-nonfinite-steps", "guard.max_nonfinite_steps",
-         "consecutive non-finite steps (each skipped) before the run stops", int, metavar="N"),
+    Flag("--max-nonfinite-steps", "guard.max_nonfinite_steps", "N non-finite steps in a row stop the run",
+         int, metavar="N"),
     Flag("--ngram-ignore", "search.ngram_ignore", "tokens whose n-grams are never blocked", nargs="*",
          metavar="TOKEN"),
+    Flag("--beam-rules", "search.rules", "search rules: pmlm, or s2s-ft's beam search reproduced",
+         choices=["pmlm", "s2s-ft"]),
+    Flag("--max-seq-length", "search.max_seq_length", "s2s-ft rules: s2s-ft's --max_seq_length (0 = off)", int,
+         metavar="N"),
+    Flag("--repetition-penalty", "search.repetition_penalty", "scale log-probs of generated tokens (1 = off)",
+         float),
+    Flag("--coverage-penalty", "search.coverage_penalty", "per use of a token beyond its source count (0 = off)",
+         float),
+    Flag("--detok", "detok", "prediction text", choices=["surface", "rules", "tokenizer"]),
 ]}
 
 SWITCHES = (
-    ("--overwrite", "checkpoint.overwrite",
-     "with --resume never: start afresh over an earlier run's checkpoints and metrics.jsonl (deleting them)"),
-    ("--trust-checkpoint", "checkpoint.trust",
-     "resume from a checkpoint folder without a manifest and let DeepSpeed unpickle it: only your own"),
+    ("--overwrite", "checkpoint.overwrite", "with --resume never: delete an earlier run's outputs"),
+    ("--trust-checkpoint", "checkpoint.trust", "resume from a folder without manifest (unpickles)"),
 )
 """Training switches that take no value (each sets its boolean field to true)."""
 
@@ -150,14 +160,15 @@ ENTRY_POINTS = {
         "Outputs in --out: metrics.jsonl, checkpoints/ (resumable: run the same command again after\n"
         "SIGTERM/Ctrl-C), final/ (the model decode loads). Method: docs/.",
         "FinetuneConfig", ("--corpus", *TRAINING, "--max-src-len", "--max-tgt-len", "--label-smoothing",
-                           "--target-mask-prob", "--max-examples")),
+                           "--target-mask-prob", "--max-examples", "--recipe", "--keep-prob", "--random-prob")),
     "decode": EntryPoint(
         "pmlm_engine.decode",
         "Decode with a fine-tuned model: batched greedy or beam search with the key/value cache.\n"
         "Writes --out: one JSON line {id, prediction, score, length} per input. Method: docs/.",
         "DecodeJobConfig", ("--init", "--corpus", "--out", "--tokenizer", "--max-src-len", "--max-tgt-len",
                             "--batch-size", "--beam", "--min-len", "--length-penalty", "--no-repeat-ngram",
-                            "--ngram-ignore", "--attention-backend", "--device", "--threads")),
+                            "--ngram-ignore", "--beam-rules", "--max-seq-length", "--repetition-penalty",
+                            "--coverage-penalty", "--detok", "--attention-backend", "--device", "--threads")),
 }
 META = ("config", "set", "print_config", "local_rank")
 
@@ -226,6 +237,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         f = FLAGS["--max-nonfinite-steps"]
         g.add_argument(f.name, dest=f.field, type=f.type, default=argparse.SUPPRESS, metavar=f.metavar,
                        help=f"{f.help} [{f.field}]")
+    if kind == "decode":
+        g.add_argument("--no-ban-special", dest="search.ban_special", action="store_false", default=argparse.SUPPRESS,
+                       help="s2s-ft rules: allow [PAD]/[CLS]/[MASK] as s2s-ft does [search.ban_special=false]")
     if kind == "train":
         g.add_argument("--no-deepspeed", dest="engine", action="store_const", const="torch", default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS)

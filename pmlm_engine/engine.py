@@ -355,8 +355,9 @@ class PMLMTrainStep(nn.Module):
 
     ``forward`` returns ``(ae_sum, par_sum)``: summed cross-entropy over the batch's AE and
     PAR targets (fp32, or float64 for a float64 model). The caller divides by the global target
-    counts (:func:`pmlm_engine.runner.objective`). ``label_smoothing`` is torch's (fine-tuning
-    uses it; pre-training 0).
+    counts (:func:`pmlm_engine.runner.objective`). ``label_smoothing`` is a float (torch's;
+    fine-tuning uses it, pre-training 0) or a :class:`pmlm_engine.losses.LabelSmoothing`
+    (s2s-ft's KL smoothing).
     """
 
     def __init__(self, model: PMLMModel, label_smoothing: float = 0.0) -> None:

@@ -12,7 +12,7 @@ positions in one forward pass of the pre-training model. The loss is the pre-tra
 (:class:`pmlm_engine.engine.PMLMTrainStep`, torch's label smoothing), summed over the ``[P]``
 outputs and divided by the global batch's target count; the AE weight is 0. ``data.target_mask_prob``
 replaces each ORIGINAL copy by ``[MASK]`` with that probability (s2s-ft's corruption). Method:
-docs/finetuning.
+docs/finetuning.md.
 
 Inputs: :mod:`pmlm_engine.s2s_data` (JSONL pairs with file:line errors, built-in corpora with
 fixed held-out splits). Truncation: the source keeps its first ``data.max_src_len`` tokens, the
@@ -39,13 +39,13 @@ import sys
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from pmlm_engine import cli
-from pmlm_engine.task import Task, resolve_tokenizer
+from pmlm_engine.task import Task
 
 if TYPE_CHECKING:
     from pmlm_engine.engine import DistEnv
     from pmlm_engine.layout import SpecialIds
+    from pmlm_engine.losses import LabelSmoothing
     from pmlm_engine.model import PMLMModel
-    from pmlm_engine.runner import Window
     from pmlm_engine.s2s_data import EncodedPairs
     from pmlm_engine.train_config import FinetuneConfig
 
@@ -53,7 +53,8 @@ log = logging.getLogger("pmlm_engine.finetune")
 
 
 def build_examples(enc: EncodedPairs, special: SpecialIds, target_mask_prob: float, seed: int, epoch: int,
-                   indices: Sequence[int]) -> list:
+                   indices: Sequence[int], recipe: str = "pmlm", keep_prob: float = 0.1,
+                   random_prob: float = 0.1) -> list:
     """Layouts of the pairs ``indices``; the corruption of pair ``i`` in ``epoch`` is seeded
     by ``derive_seed(seed, epoch, i)`` (reproducible, different every epoch)."""
     from pmlm_engine.layout import build_seq2seq_example
@@ -64,7 +65,8 @@ def build_examples(enc: EncodedPairs, special: SpecialIds, target_mask_prob: flo
         tgt = enc.tgt[i]
         if tgt is None:
             raise ValueError(f"example {enc.ids[i]!r} has no target; fine-tuning needs src and tgt")
-        out.append(build_seq2seq_example(enc.src[i], tgt, special, target_mask_prob, derive_seed(seed, epoch, i)))
+        out.append(build_seq2seq_example(enc.src[i], tgt, special, target_mask_prob, derive_seed(seed, epoch, i),
+                                         recipe, keep_prob, random_prob))
     return out
 
 
@@ -112,8 +114,17 @@ class FinetuneTask(Task):
         self.world_size = 1
 
     @property
-    def label_smoothing(self) -> float:
-        return self.cfg.label_smoothing
+    def label_smoothing(self) -> LabelSmoothing:
+        """torch's for the ``pmlm`` recipe, s2s-ft's KL smoothing for ``s2s-ft``."""
+        from pmlm_engine.losses import LabelSmoothing
+
+        return LabelSmoothing(self.cfg.label_smoothing, "s2s-ft" if self.cfg.recipe == "s2s-ft" else "torch")
+
+    @property
+    def par_denominator_eps(self) -> float:
+        from pmlm_engine.losses import S2SFT_LOSS_DENOMINATOR_EPS
+
+        return S2SFT_LOSS_DENOMINATOR_EPS if self.cfg.recipe == "s2s-ft" else 0.0
 
     def check(self, env: DistEnv) -> None:
         from pathlib import Path
@@ -132,7 +143,7 @@ class FinetuneTask(Task):
         from pmlm_engine.convert import load_any
         from pmlm_engine.model import extend_positions
         from pmlm_engine.stream import tokenizer_fingerprint
-        from pmlm_engine.tokenizer import load_tokenizer
+        from pmlm_engine.tokenizer import load_tokenizer, resolve_tokenizer
 
         cfg = self.cfg
         torch.manual_seed(cfg.data.seed)  # a fresh MLM head (minilm has none) is the same on every rank
@@ -189,14 +200,15 @@ class FinetuneTask(Task):
             examples = []
             for q in range(first, first + d.batch_size):
                 epoch, i = self.stream.at(q)
-                examples += build_examples(self.enc, special, d.target_mask_prob, d.seed, epoch, [i])
+                examples += build_examples(self.enc, special, d.target_mask_prob, d.seed, epoch, [i],
+                                           self.cfg.recipe, d.keep_prob, d.random_prob)
             out.append(collate_padded(examples, special.pad))
         return out
 
     def count_tokens(self, batch: dict) -> int:
         return int((batch["doc_ids"] >= 0).sum())  # source and target tokens
 
-    def row_extra(self, step: int, window: Window, elapsed: float) -> dict[str, Any]:
+    def row_extra(self, step: int, window: Any, elapsed: float) -> dict[str, Any]:
         assert self.stream is not None
         return {"epoch": round(step * self.global_batch_size / self.stream.n, 4),
                 "target_tokens_per_s": window.targets / max(elapsed, 1e-9)}

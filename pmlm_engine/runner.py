@@ -292,10 +292,10 @@ class Runner:
 
     # ------------------------------------------------------------------ checks
 
-    def check(self) -> dict[str, Any]:
-        """The checks that need no data loading (what ``--print-config`` runs): world and batch
-        sizes, engine and precision, the DeepSpeed config, the task's inputs. Returns the
-        generated DeepSpeed config, if any."""
+    def check(self) -> None:
+        """The checks that need no loading: world and batch sizes, engine and precision, the
+        DeepSpeed config (generated and validated here), the attention backend's name, the task's
+        input paths."""
         check_world(self.cfg, self.env)
         self.engine_name = self.cfg.resolved_engine(self.env.world_size)
         if self.engine_name == "deepspeed":
@@ -304,7 +304,6 @@ class Runner:
 
         resolve_backend(self.task.attention_backend, self.device)  # an unknown backend name fails here
         self.task.check(self.env)
-        return self.ds_config or {}
 
     @property
     def device(self) -> torch.device:
@@ -487,7 +486,8 @@ class Runner:
                     ae_n, par_n = target_counts(b)
                     counts += torch.tensor([ae_n, par_n], dtype=torch.float64)
                 all_reduce_sum(counts)
-                n_ae, n_par = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
+                n_ae = max(float(counts[0]), 1.0)
+                n_par = max(float(counts[1]), 1.0) + task.par_denominator_eps
                 sums = torch.zeros(4, dtype=torch.float64)  # ae sum, par sum, tokens, stop requests
                 for b in batches:
                     ae_sum, par_sum = engine.forward(b)

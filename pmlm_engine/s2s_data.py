@@ -11,13 +11,19 @@ A *pair spec* names where pairs come from:
   a repeated id. Nothing is dropped silently.
 * ``NAME`` or ``NAME:SPLIT`` for a built-in pair corpus (:data:`pmlm_engine.corpus.CORPORA`:
   ``news`` article -> headline, ``wiki`` lead -> description, ``acl`` paper -> summary) with
-  ``SPLIT`` one of ``train``, ``test``, ``all``.
+  ``SPLIT`` one of ``train``, ``test``, ``all``, ``valid``, ``fit``.
 
 **Held-out splits** (fixed, documented, independent of file order): for ``news`` and
 ``wiki`` the test split is the :data:`TEST_SIZE` = 200 pairs whose
 ``sha256("<corpus>:<id>")`` hex digests are smallest; the rest is ``train``. ``acl`` uses
 the dataset's own split (train + val -> ``train``, test -> ``test``). For ``news``
 (3,695 pairs) that is 3,495 train / 200 test.
+
+**Validation** (for choosing settings without looking at the test split): ``valid`` is the
+:data:`VALID_SIZE` = 200 ``train`` pairs whose ``sha256("<corpus>:valid:<id>")`` digests are
+smallest, ``fit`` is ``train`` without them (fine-tune on ``fit``, choose on ``valid``, report
+on ``test``). ``train`` itself is unchanged (``fit`` + ``valid``). For ``acl``, ``valid`` is the dataset's own
+validation part and ``fit`` its training part.
 
 **Truncation** (:func:`encode_pairs`), counted and logged, never silent: the source keeps
 its first ``max_src_len`` tokens (the lead of an article, where a headline's content
@@ -48,7 +54,8 @@ from .outputs import atomic_file, check_output_file, json_safe
 log = logging.getLogger(__name__)
 
 TEST_SIZE = 200
-SPLITS = ("train", "test", "all")
+VALID_SIZE = 200
+SPLITS = ("train", "test", "all", "valid", "fit")
 Text = Union[str, list[int]]
 
 
@@ -147,11 +154,15 @@ def builtin_pairs(name: str, split: str, cache_dir: str | Path | None = None) ->
         raise ValueError(f"unknown split {split!r} for {name}: choose one of {SPLITS}")
     pairs = list(load_pairs(name, cache_dir))
     if name == "acl":
-        which = {"train": ("train", "val"), "test": ("test",), "all": ("train", "val", "test")}[split]
+        which = {"train": ("train", "val"), "test": ("test",), "all": ("train", "val", "test"),
+                 "valid": ("val",), "fit": ("train",)}[split]
         keep = [p for p in pairs if p["split"] in which]
     else:
         test = hash_test_ids(name, [p["id"] for p in pairs])
         keep = [p for p in pairs if split == "all" or (p["id"] in test) == (split == "test")]
+        if split in ("valid", "fit"):
+            valid = hash_test_ids(f"{name}:valid", [p["id"] for p in keep], VALID_SIZE)
+            keep = [p for p in keep if (p["id"] in valid) == (split == "valid")]
     return [PairRecord(str(p["id"]), p["src"], p["tgt"], f"{name}:{p['id']}") for p in keep]
 
 

@@ -14,22 +14,7 @@ if TYPE_CHECKING:
     from .config import ModelConfig
     from .engine import DistEnv
     from .model import PMLMModel
-    from .runner import Window
     from .train_config import RunConfig
-
-DEFAULT_TOKENIZER = "bert-base-uncased"
-
-
-def resolve_tokenizer(spec: Optional[str], recorded: Optional[str] = None) -> str:
-    """The tokenizer file to load: ``spec``, else ``recorded`` (the one a model folder names), else
-    bert-base-uncased; ``bert-base-uncased`` is the real WordPiece vocabulary shipped with MiniLM."""
-    choice = spec or recorded or DEFAULT_TOKENIZER
-    if choice == DEFAULT_TOKENIZER:
-        from .corpus import minilm_dir
-
-        return str(minilm_dir() / "vocab.txt")
-    return choice
-
 
 class Task:
     """What a training task brings to the runner: its data, its model, its loss weights.
@@ -60,7 +45,13 @@ class Task:
         """Values beside the config that a resumed run must share (e.g. the vocabulary's sha256)."""
 
     @property
-    def label_smoothing(self) -> float:
+    def label_smoothing(self) -> Any:
+        """Of the cross-entropy: torch's ``eps`` (a float) or a :class:`pmlm_engine.losses.LabelSmoothing`."""
+        return 0.0
+
+    @property
+    def par_denominator_eps(self) -> float:
+        """Added to the global PAR target count in the objective's denominator (s2s-ft's recipe: 1e-5)."""
         return 0.0
 
     @property
@@ -96,8 +87,8 @@ class Task:
         """Tokens of a batch counted for throughput (default: main-part tokens)."""
         return int(((batch["step"] == 0) & (batch["doc_ids"] >= 0)).sum())
 
-    def row_extra(self, step: int, window: Window, elapsed: float) -> dict[str, Any]:
-        """Task-specific fields of a metrics row."""
+    def row_extra(self, step: int, window: Any, elapsed: float) -> dict[str, Any]:
+        """Task-specific fields of a metrics row (``window``: the runner's means since the last row)."""
         return {}
 
     def export_meta(self) -> dict[str, Any]:

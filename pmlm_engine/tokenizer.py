@@ -248,6 +248,12 @@ class WordPieceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` and each token's ``(start, end)`` character span in ``text``
+        (for :func:`pmlm_engine.detok.detokenize`'s surface restoration)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def _decode(self, ids: list[int]) -> str:
         text = self._tok.decode(ids, skip_special_tokens=False)
         # transformers' clean_up_tokenization: the library's decoder cleans token by token and
@@ -394,6 +400,24 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 # --------------------------------------------------------------------------- loading
+
+
+DEFAULT_TOKENIZER = "bert-base-uncased"
+"""The tokenizer name that means MiniLM's ``vocab.txt`` (bert-base-uncased's vocabulary, shipped offline)."""
+
+
+def resolve_tokenizer(spec: str | None, recorded: str | None = None) -> str:
+    """The tokenizer file to use: ``spec``, else ``recorded`` (e.g. the one a checkpoint names), else
+    :data:`DEFAULT_TOKENIZER`, which resolves to MiniLM's ``vocab.txt``.
+
+    Lives here (not in the training modules) so decoding can load a tokenizer without importing them.
+    """
+    choice = spec or recorded or DEFAULT_TOKENIZER
+    if choice == DEFAULT_TOKENIZER:
+        from .corpus import minilm_dir
+
+        return str(minilm_dir() / "vocab.txt")
+    return choice
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

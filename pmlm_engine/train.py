@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from pmlm_engine import cli
-from pmlm_engine.task import Task, resolve_tokenizer
+from pmlm_engine.task import Task
 
 if TYPE_CHECKING:
     from pmlm_engine.config import ModelConfig
@@ -63,7 +63,7 @@ class PretrainTask(Task):
 
     def prepare(self, env: DistEnv) -> None:
         from pmlm_engine.stream import tokenizer_fingerprint
-        from pmlm_engine.tokenizer import load_tokenizer
+        from pmlm_engine.tokenizer import load_tokenizer, resolve_tokenizer
 
         cfg = self.cfg
         self.tokenizer_path = resolve_tokenizer(cfg.data.tokenizer)

@@ -29,7 +29,7 @@ import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .config import PRESETS, MaskingConfig, ModelConfig
 from .data import DataConfig
@@ -269,12 +269,12 @@ class RunConfig:
 
 @dataclass
 class TrainConfig(RunConfig):
-    """A pre-training job. Defaults: a tiny model on the news corpus (examples/demo.json is the demo)."""
+    """A pre-training job. Defaults: a tiny model on the news corpus (examples/pretrain-demo.json is the demo's)."""
 
     ae_weight: float = 1.0
-    """Weight of the AE loss in the objective (docs/losses: 1)."""
+    """Weight of the AE loss in the objective (docs/losses.md: 1)."""
     par_weight: float = 1.0
-    """Weight of the PAR loss in the objective (docs/losses: 1)."""
+    """Weight of the PAR loss in the objective (docs/losses.md: 1)."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -303,6 +303,10 @@ class PairDataConfig:
     target_mask_prob: float = 0.5
     """Probability of replacing a teacher-forced target copy by ``[MASK]`` (s2s-ft: 0.7 for
     CNN/DailyMail, 0.4 for XSum)."""
+    keep_prob: float = 0.1
+    """``recipe=s2s-ft``: probability that a ``[P]`` input (and a corrupted copy) is the label itself."""
+    random_prob: float = 0.1
+    """``recipe=s2s-ft``: probability that it is a random token."""
     seed: int = 0
     """Seed of the order, the target corruption and dropout."""
     max_examples: int = 0
@@ -315,6 +319,8 @@ class PairDataConfig:
             (self.max_tgt_len >= 2, "max_tgt_len", ">= 2 (one token plus [SEP])"),
             (self.batch_size >= 1, "batch_size", "a positive number of examples"),
             (0.0 <= self.target_mask_prob < 1.0, "target_mask_prob", "a value in [0, 1)"),
+            (0.0 <= self.keep_prob and 0.0 <= self.random_prob and self.keep_prob + self.random_prob <= 1.0,
+             "keep_prob", "keep_prob, random_prob >= 0 with keep_prob + random_prob <= 1"),
             (self.max_examples >= 0, "max_examples", ">= 0 (0 = all)"),
         ]
         for ok, name, want in checks:
@@ -341,7 +347,7 @@ def _finetune_optim() -> OptimConfig:
 
 @dataclass
 class FinetuneConfig(RunConfig):
-    """A sequence-to-sequence fine-tuning job (docs/finetuning): the pre-training model, mask and
+    """A sequence-to-sequence fine-tuning job (docs/finetuning.md): the pre-training model, mask and
     loss on source/target pairs. ``init`` is required."""
 
     precision: str = "fp32"
@@ -350,6 +356,10 @@ class FinetuneConfig(RunConfig):
     optim: OptimConfig = field(default_factory=_finetune_optim)
     label_smoothing: float = 0.1
     """Label smoothing of the cross-entropy (torch's: ``eps`` spread uniformly over the vocabulary)."""
+    recipe: str = "pmlm"
+    """``pmlm`` ([P] inputs always the pseudo token, masked copies ``[MASK]``, torch's label smoothing)
+    or ``s2s-ft`` (s2s-ft's corruption, KL label smoothing and loss normalisation; see
+    :func:`pmlm_engine.layout.s2sft_corruption` and :func:`pmlm_engine.losses.s2sft_smoothed_loss`)."""
     model: ModelOptions = field(default_factory=ModelOptions)
     data: PairDataConfig = field(default_factory=PairDataConfig)
 
@@ -357,25 +367,41 @@ class FinetuneConfig(RunConfig):
         super().__post_init__()
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing!r} is invalid: expected a value in [0, 1)")
+        if self.recipe not in ("pmlm", "s2s-ft"):
+            raise ValueError(f"recipe={self.recipe!r} is invalid: choose pmlm or s2s-ft")
 
 
 @dataclass
 class SearchSection:
-    """Decoding search (docs/decoding); turned into :class:`pmlm_engine.decode.DecodeConfig`."""
+    """Decoding search (docs/decoding.md); turned into :class:`pmlm_engine.decode.DecodeConfig`."""
 
     beam_size: int = 1
     """Beams per sentence; 1 = greedy."""
-    min_len: int = 0
-    """``[SEP]`` is forbidden before this many tokens were generated."""
+    min_len: Optional[int] = None
+    """``[SEP]`` is forbidden before this many tokens were generated (null: 0, or 1 with ``rules=s2s-ft``)."""
     length_penalty: float = 0.0
     """GNMT ``alpha``: hypotheses are ranked by ``score / ((5 + len) / 6) ** alpha``."""
+    rules: str = "pmlm"
+    """Search rules: ``pmlm`` (docs/decoding.md) or ``s2s-ft`` (s2s-ft's beam search reproduced)."""
+    ban_special: bool = True
+    """Never generate ``[PAD]``, ``[CLS]``, ``[MASK]`` (``rules=s2s-ft`` allows them when false, as s2s-ft does)."""
+    max_seq_length: int = 0
+    """``rules=s2s-ft``: s2s-ft's ``--max_seq_length`` (steps = min(max_tgt_len, this - longest source - 2));
+    0 = off."""
     no_repeat_ngram_size: int = 0
     """Block repeated n-grams of this size (0 = off)."""
     ngram_ignore: list[str] = field(default_factory=list)
     """Vocabulary tokens whose n-grams are never blocked (s2s-ft used ``.``)."""
+    repetition_penalty: float = 1.0
+    """Multiply the log-probability of tokens already generated by this (CTRL; 1 = off)."""
+    coverage_penalty: float = 0.0
+    """Subtract this per use of a token beyond its count in the source (0 = off)."""
 
     def __post_init__(self) -> None:
-        checks = [(self.beam_size >= 1, "beam_size", ">= 1"), (self.min_len >= 0, "min_len", ">= 0"),
+        checks = [(self.beam_size >= 1, "beam_size", ">= 1"),
+                  (self.min_len is None or self.min_len >= 0, "min_len", ">= 0 (or null: the rules' default)"),
+                  (self.rules in ("pmlm", "s2s-ft"), "rules", "pmlm or s2s-ft"),
+                  (self.max_seq_length >= 0, "max_seq_length", ">= 0 (0 = off)"),
                   (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", ">= 0 (0 = off)")]
         for ok, name, want in checks:
             if not ok:
@@ -420,6 +446,9 @@ class DecodeJobConfig:
     """torch intra-op threads (0 = auto: torch's default, one per core)."""
     device: str = "cpu"
     """torch device, e.g. ``cpu`` or ``cuda:0``."""
+    detok: str = "surface"
+    """Text of the predictions: ``surface`` (readable, the source's casing and spacing where copied),
+    ``rules`` (readable, lowercase) or ``tokenizer`` (the tokenizer's plain decode)."""
     model: ModelOptions = field(default_factory=ModelOptions)
     data: DecodeDataConfig = field(default_factory=DecodeDataConfig)
     search: SearchSection = field(default_factory=SearchSection)
@@ -429,6 +458,8 @@ class DecodeJobConfig:
             raise ValueError(f"threads={self.threads} is invalid: 0 (auto: torch's default) or a positive count")
         if not self.out:
             raise ValueError("out='' is invalid: name the predictions file")
+        if self.detok not in ("surface", "rules", "tokenizer"):
+            raise ValueError(f"detok={self.detok!r} is invalid: choose surface, rules or tokenizer")
 
 
 def native_bf16() -> bool:

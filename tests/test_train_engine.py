@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pmlm_engine.checkpoint import CheckpointManager, load_model, save_model
+from pmlm_engine.checkpoint import CheckpointManager, load_model, model_tokenizer, save_model
 from pmlm_engine.config import ModelConfig
 from pmlm_engine.model import PMLMModel
 from pmlm_engine.train import train, warm_start
@@ -69,7 +69,7 @@ def test_run_leaves_metrics_plot_checkpoint_and_bit_identical_export(tmp_path, f
     ckpt = load_file(str(out / "checkpoints" / "step00000012" / "model.safetensors"))
     params = dict(final.named_parameters())
     assert set(params) == set(ckpt) and all(torch.equal(params[k], ckpt[k]) for k in ckpt)
-    assert json.loads((out / "final" / "config.json").read_text())["tokenizer"] == str(files[1])
+    assert Path(model_tokenizer(out / "final")).read_bytes() == files[1].read_bytes()  # bundled in the folder
     assert summary["steps"] == 12 and summary["stopped_by"] is None
 
 
