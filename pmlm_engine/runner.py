@@ -395,7 +395,8 @@ class Runner:
         """A resumable checkpoint after ``step`` steps (every rank calls it); refused, on every rank, when
         any rank's parameters hold NaN or inf (nothing non-finite is ever written)."""
         assert self.checkpoints is not None
-        local = {name: p.detach() for name, p in self.engine.model.named_parameters()}
+        # this rank's values: under ZeRO-3 a parameter is a placeholder and its shard is ``ds_tensor``
+        local = {name: getattr(p, "ds_tensor", p).detach() for name, p in self.engine.model.named_parameters()}
         bad = torch.tensor([0.0 if all(bool(torch.isfinite(t).all()) for t in local.values()) else 1.0])
         if float(all_reduce_sum(bad)) > 0:
             check_finite(local, f"the model at step {step} (not saved; the last good checkpoint is {self.last_saved})")
