@@ -126,8 +126,8 @@ FLAGS = {f.name: f for f in [
 ]}
 
 TRAINING = ["--init", "--out", "--steps", "--warmup", "--lr", "--optimizer", "--batch-size", "--grad-accum",
-            "--precision", "--engine", "--zero-stage", "--ds-config", "--seed", "--resume", "--save-every", "--log-every",
-            "--attention-backend", "--tokenizer", "--threads"]
+            "--precision", "--engine", "--zero-stage", "--ds-config", "--seed", "--resume", "--save-every",
+            "--log-every", "--attention-backend", "--tokenizer", "--threads"]
 
 
 @dataclass(frozen=True)
