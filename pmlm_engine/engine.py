@@ -35,10 +35,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .fused_ops import fuse_layer_norms
 from .layout import IGNORE
 from .losses import pmlm_loss
 from .model import PMLMModel
-from .fused_ops import fuse_layer_norms
 from .optim import build_optimizer, build_scheduler
 from .train_config import TrainConfig, read_json_object
 
