@@ -66,6 +66,8 @@ FLAGS = {f.name: f for f in [
     Flag("--warmup", "optim.warmup_steps", "linear warmup steps (clamped to --steps)", int,
          aliases=("--warmup_steps",), metavar="N"),
     Flag("--lr", "optim.lr", "peak learning rate", float, aliases=("--learning_rate",)),
+    Flag("--optimizer", "optim.optimizer", "update rule (the fused kernel of the environment on a GPU; lamb needs one)",
+         choices=["adamw", "lamb"], aliases=("--optim",)),
     Flag("--batch-size", "data.batch_size", "examples per rank and micro-step", int,
          aliases=("--per_device_train_batch_size",), metavar="N", per_kind=(("decode", "sources per batch"),)),
     Flag("--grad-accum", "grad_accum", "micro-steps per optimizer step", int,
@@ -126,14 +128,14 @@ FLAGS = {f.name: f for f in [
 ]}
 
 SWITCHES = (
-    ("--overwrite", "checkpoint.overwrite", "with --resume never: delete an earlier run's outputs"),
+    ("--overwrite", "checkpoint.overwrite", "with --resume never: delete earlier outputs"),
     ("--trust-checkpoint", "checkpoint.trust", "resume from a folder without manifest (unpickles)"),
 )
 """Training switches that take no value (each sets its boolean field to true)."""
 
-TRAINING = ["--init", "--out", "--steps", "--warmup", "--lr", "--batch-size", "--grad-accum", "--precision",
-            "--engine", "--zero-stage", "--ds-config", "--seed", "--resume", "--save-every", "--log-every",
-            "--attention-backend", "--tokenizer", "--threads"]
+TRAINING = ["--init", "--out", "--steps", "--warmup", "--lr", "--optimizer", "--batch-size", "--grad-accum",
+            "--precision", "--engine", "--zero-stage", "--ds-config", "--seed", "--resume", "--save-every",
+            "--log-every", "--attention-backend", "--tokenizer", "--threads"]
 
 
 @dataclass(frozen=True)

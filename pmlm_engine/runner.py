@@ -303,6 +303,11 @@ class Runner:
         from .attention import resolve_backend
 
         resolve_backend(self.task.attention_backend, self.device)  # an unknown backend name fails here
+        from .fused_ops import apex_available, choose_optimizer, deepspeed_available
+
+        cuda = self.device.type == "cuda"  # the optimizer's implementation exists here (lamb needs a GPU)
+        choose_optimizer(self.cfg.optim.optimizer, self.device.type, self.engine_name, cuda and apex_available(),
+                         cuda and deepspeed_available())
         self.task.check(self.env)
 
     @property
