@@ -1,6 +1,6 @@
 """The PMLM model: a BERT-style post-LayerNorm encoder with a shared T5 relative position bias.
 
-One definition serves pre-training, fine-tuning and cached decoding (PMLM.md section 5).
+One definition serves pre-training, fine-tuning and cached decoding (docs/model.md).
 Parameter names follow Hugging Face's ``BertModel`` (minus the ``bert.`` prefix) so BERT
 checkpoints map one to one; the relative bias table is ``rel_pos_bias.weight``
 ``(heads, buckets)`` as in the released UniLMv2 checkpoints.
