@@ -78,11 +78,11 @@ def test_pypi_apex_is_not_nvidia_apex(monkeypatch: pytest.MonkeyPatch):
 
 def test_optimizer_flag_sets_the_config():
     """``--optimizer lamb`` reaches ``optim.optimizer``; the default stays adamw."""
-    from pmlm_engine.train import parse_args
+    from pmlm_engine.cli import parse  # the train CLI's parser since the runner's config family
 
-    cfg, _ = parse_args(["--optimizer", "lamb"])
+    cfg, _ = parse("train", ["--optimizer", "lamb"])
     assert cfg.optim.optimizer == "lamb"
-    assert parse_args([])[0].optim.optimizer == "adamw"
+    assert parse("train", [])[0].optim.optimizer == "adamw"
 
 
 def test_apex_wiring_with_a_stand_in(monkeypatch: pytest.MonkeyPatch):
