@@ -47,7 +47,7 @@ STEPS = 12
 
 def _run(args: list[str], launcher: list[str]) -> None:
     proc = subprocess.run([*launcher, str(FINETUNE_SCRIPT), *args], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"finetune.py exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")
