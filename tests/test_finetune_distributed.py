@@ -105,7 +105,7 @@ def test_two_ranks_zero2_match_one_process_and_resume_after_sigterm(tmp_path: Pa
     assert len(ranks) == 2
     for r in ranks:
         r.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
+    out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     stopped = metrics(tmp_path / "cut")[-1]["step"]
     assert 2 <= stopped < STEPS, "the job ended before the signal arrived: make it longer"
