@@ -112,6 +112,8 @@ FLAGS = {f.name: f for f in [
     Flag("--length-penalty", "search.length_penalty", "GNMT alpha", float, metavar="A"),
     Flag("--no-repeat-ngram", "search.no_repeat_ngram_size", "block repeated n-grams of this size", int,
          aliases=("--no_repeat_ngram_size",), metavar="N"),
+    Flag("--max-nonfinite-steps", "guard.max_nonfinite_steps", "N non-finite steps in a row stop the run",
+         int, metavar="N"),
     Flag("--ngram-ignore", "search.ngram_ignore", "tokens whose n-grams are never blocked", nargs="*",
          metavar="TOKEN"),
     Flag("--beam-rules", "search.rules", "search rules: pmlm, or s2s-ft's beam search reproduced",
@@ -124,6 +126,12 @@ FLAGS = {f.name: f for f in [
          float),
     Flag("--detok", "detok", "prediction text", choices=["surface", "rules", "tokenizer"]),
 ]}
+
+SWITCHES = (
+    ("--overwrite", "checkpoint.overwrite", "with --resume never: delete earlier outputs"),
+    ("--trust-checkpoint", "checkpoint.trust", "resume from a folder without manifest (unpickles)"),
+)
+"""Training switches that take no value (each sets its boolean field to true)."""
 
 TRAINING = ["--init", "--out", "--steps", "--warmup", "--lr", "--optimizer", "--batch-size", "--grad-accum",
             "--precision", "--engine", "--zero-stage", "--ds-config", "--seed", "--resume", "--save-every",
@@ -224,6 +232,13 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         g.add_argument(name, help=f"{text} [{f.field}]{also}", **kwargs)
         if f.aliases or legacy:  # accepted under the other spellings, listed once in the help text
             g.add_argument(*f.aliases, *legacy, help=argparse.SUPPRESS, **kwargs)
+    if kind in ("train", "finetune"):  # switches (no value) of the output-safety fields
+        for name, dest, text in SWITCHES:
+            g.add_argument(name, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
+                           help=f"{text} [{dest}]")
+        f = FLAGS["--max-nonfinite-steps"]
+        g.add_argument(f.name, dest=f.field, type=f.type, default=argparse.SUPPRESS, metavar=f.metavar,
+                       help=f"{f.help} [{f.field}]")
     if kind == "decode":
         g.add_argument("--no-ban-special", dest="search.ban_special", action="store_false", default=argparse.SUPPRESS,
                        help="s2s-ft rules: allow [PAD]/[CLS]/[MASK] as s2s-ft does [search.ban_special=false]")
@@ -270,8 +285,16 @@ def parse(kind: str, argv: Optional[Sequence[str]] = None,
 
 def main(kind: str, run: Callable[[Any], dict[str, Any]], check: Callable[[Any], None],
          report: Callable[[Any, dict[str, Any]], None], argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, then ``--print-config`` (``check`` + print) or ``run`` + ``report``; errors in the
-    configuration or the inputs are one ``error: ...`` line and exit status 2."""
+    """Parse, then ``--print-config`` (``check`` + print) or ``run`` + ``report``, inside the shared
+    error boundary (:func:`pmlm_engine.errors.run_cli`): a user-caused error is one ``error: ...``
+    line and the exit status of its class; ``--debug`` shows tracebacks."""
+    from .errors import run_cli
+
+    return run_cli(lambda args: _main(kind, run, check, report, args), argv)
+
+
+def _main(kind: str, run: Callable[[Any], dict[str, Any]], check: Callable[[Any], None],
+          report: Callable[[Any, dict[str, Any]], None], argv: Optional[Sequence[str]]) -> int:
     args = build_parser(kind).parse_args(argv)  # --help and usage errors end here, before any heavy import
     setup_logging()
     try:
@@ -285,9 +308,6 @@ def main(kind: str, run: Callable[[Any], dict[str, Any]], check: Callable[[Any],
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
         summary = run(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if "torch" in sys.modules:
             from .engine import shutdown

@@ -70,13 +70,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .checkpoint import CONFIG as OUR_CONFIG
-from .checkpoint import atomic_dir, load_model, model_tokenizer, read_config, save_model
+from .checkpoint import atomic_dir, check_finite, load_model, model_tokenizer, read_config, read_safetensors, save_model
 from .config import ModelConfig
+from .errors import run_cli
 from .model import PMLMModel
+from .outputs import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Optiona
     """
     weights, cfg_file = _resolve_weights(Path(path))
     if weights.suffix == ".safetensors":
-        state = load_file(str(weights))
+        state = read_safetensors(weights)
     elif weights.suffix in (".bin", ".pt", ".pth"):
         try:
             state = torch.load(str(weights), map_location="cpu", weights_only=True)
@@ -146,6 +148,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Optiona
         raise ValueError(f"{weights}: unknown weights suffix {weights.suffix!r}; expected .safetensors or .bin")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{weights} does not hold a flat name -> tensor state dict")
+    check_finite(state, f"checkpoint {weights}")
     config = None
     if cfg_file is not None:
         try:
@@ -516,7 +519,11 @@ def load_any(spec: str | os.PathLike, num_heads: Optional[int] = None,
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m pmlm_engine.convert {import,export-hf}``."""
+    """``python -m pmlm_engine.convert {import,export-hf}``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -535,25 +542,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p_s2s.add_argument("out", help="folder to write (pytorch_model.bin + config.json + vocab.txt)")
     p_s2s.add_argument("--label-smoothing", type=float, default=None,
                        help="recorded in config.json and the loss buffer (default: the fine-tuning's, else 0)")
+    for sp in (p_imp, p_exp, p_s2s):
+        sp.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder that pmlm_engine did not write (its other files are kept)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.cmd == "import":
-            model, tok = load_any(args.source, num_heads=args.num_heads, rel_pos_buckets=args.rel_pos_buckets)
-            save_model(model, args.out, extra={"tokenizer": tok} if tok else None)
-            print(f"wrote {args.out} ({model.num_parameters() / 1e6:.1f}M parameters)")
-        elif args.cmd == "export-s2s-ft":
-            eps = args.label_smoothing
-            if eps is None:
-                eps = float(read_config(args.model).get("finetune", {}).get("label_smoothing", 0.0))
-            export_s2sft(load_model(args.model), args.out, eps, model_tokenizer(args.model))
-            print(f"wrote {args.out}")
-        else:
-            export_hf(load_model(args.model), args.out, lm_head=not args.no_lm_head)
-            print(f"wrote {args.out}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    source = args.source if args.cmd == "import" else args.model
+    check_output_dir(args.out, inputs=[source], overwrite=args.overwrite)  # before any work
+    if args.cmd == "import":
+        model, tok = load_any(args.source, num_heads=args.num_heads, rel_pos_buckets=args.rel_pos_buckets)
+        save_model(model, args.out, extra={"tokenizer": tok} if tok else None)
+        print(f"wrote {args.out} ({model.num_parameters() / 1e6:.1f}M parameters)")
+    elif args.cmd == "export-s2s-ft":
+        eps = args.label_smoothing
+        if eps is None:
+            eps = float(read_config(args.model).get("finetune", {}).get("label_smoothing", 0.0))
+        export_s2sft(load_model(args.model), args.out, eps, model_tokenizer(args.model))
+        print(f"wrote {args.out}")
+    else:
+        export_hf(load_model(args.model), args.out, lm_head=not args.no_lm_head)
+        print(f"wrote {args.out}")
     return 0
 
 

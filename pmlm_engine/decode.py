@@ -63,8 +63,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .errors import EnvironmentUnavailableError
 from .layout import SpecialIds
 from .model import KVCache, PMLMModel
+from .outputs import check_output_file, json_safe
 
 log = logging.getLogger("pmlm_engine.decode")
 
@@ -732,6 +734,18 @@ def token_ids(tokenizer: Any, tokens: Iterable[str]) -> tuple[int, ...]:
     return tuple(tokenizer.token_to_id(t) for t in tokens)
 
 
+def check_device(spec: str) -> torch.device:
+    """``device`` as a torch device; a CUDA device on a torch without CUDA is refused by name."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={spec!r} is not a torch device: use cpu or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentUnavailableError(f"device={spec}: this torch ({torch.__version__}) sees no CUDA device; "
+                                          f"use --device cpu")
+    return device
+
+
 def _resolve_job(job: Any) -> tuple[Any, Any, DecodeConfig, int]:
     """``(model folder meta, tokenizer, search config, max_src_len)`` of a
     :class:`pmlm_engine.train_config.DecodeJobConfig`; lengths left at 0 come from the model's
@@ -742,13 +756,22 @@ def _resolve_job(job: Any) -> tuple[Any, Any, DecodeConfig, int]:
 
     if not job.init:
         raise ValueError("init is not set: name the model folder to decode with (--init runs/ft/final)")
+    check_device(job.device)
+    check_output_file(job.out, inputs=[job.data.corpus, job.init], what="out")  # before any work
     meta = read_config(job.init)
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{job.init}/config.json has no 'model' section: {job.init} is not a model folder written "
+                         f"by pmlm_engine (import a Hugging Face folder first: python -m pmlm_engine.convert import)")
     ft = meta.get("finetune", {})
     ft_data = ft.get("data", ft)  # nested since the config family, flat before
     tokenizer = load_tokenizer(resolve_tokenizer(job.data.tokenizer, model_tokenizer(job.init)))
     if tokenizer.vocab_size != meta["model"]["vocab_size"]:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {meta['model']['vocab_size']}: "
                          "set data.tokenizer (--tokenizer) to the tokenizer the model was fine-tuned with")
+    if job.search.beam_size > tokenizer.vocab_size:
+        raise ValueError(f"search.beam_size={job.search.beam_size} exceeds the vocabulary ({tokenizer.vocab_size} "
+                         f"tokens): a beam holds at most one hypothesis per token; use a smaller --beam (4-10 is "
+                         f"usual)")
     s = job.search
     min_len = s.min_len if s.min_len is not None else int(s.rules == "s2s-ft")
     try:
@@ -762,6 +785,8 @@ def _resolve_job(job: Any) -> tuple[Any, Any, DecodeConfig, int]:
         raise ValueError(f"search.{exc}") from None
     max_src = job.data.max_src_len or (cfg.max_seq_length - 2 - cfg.max_len if cfg.max_seq_length  # s2s-ft's cut
                                        else ft_data.get("max_src_len", 464))
+    if not (job.data.max_tgt_len and job.data.max_src_len):  # 0 = the model's: say which value that is
+        log.info("lengths not set (0) come from the model: max_src_len=%d, max_tgt_len=%d", max_src, cfg.max_len)
     return meta, tokenizer, cfg, max_src
 
 
@@ -790,7 +815,7 @@ def run(job: Any) -> dict[str, Any]:
 
 
 def report(job: Any, summary: dict[str, Any]) -> None:
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(json_safe(summary), indent=2))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

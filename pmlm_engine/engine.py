@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .checkpoint import read_safetensors
 from .fused_ops import fuse_layer_norms
 from .layout import IGNORE
 from .losses import pmlm_loss
@@ -391,7 +392,8 @@ class StepStats:
     loss_scale: Optional[float] = None
     """fp16 only: the current loss scale."""
     skipped: bool = False
-    """fp16 only: the step was skipped (gradient overflow)."""
+    """The update was skipped: a non-finite gradient norm (torch engine; DeepSpeed's fp16 loss scaler
+    and its bf16 ZeRO-1/2 overflow check), parameters and optimizer state unchanged."""
 
 
 def _rng_save(folder: Path, rank: int) -> None:
@@ -406,7 +408,7 @@ def _rng_load(folder: Path, rank: int) -> None:
     path = folder / f"rng-rank{rank:05d}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {path.name}: was it written with another world size?")
-    state = load_file(str(path))
+    state = read_safetensors(path)  # a damaged file is named
     torch.set_rng_state(state["torch_cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state[k] for k in sorted(state) if k.startswith("cuda")])
@@ -444,6 +446,9 @@ class TorchEngine:
     def step(self) -> StepStats:
         lr = self.optimizer.param_groups[0]["lr"]
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or math.inf)
+        if not math.isfinite(float(norm)):  # skip the update as loss scalers do; pmlm_engine.guard decides on stopping
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepStats(grad_norm=float(norm), lr=lr, skipped=True)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -457,8 +462,9 @@ class TorchEngine:
                    folder / OPTIM_FILE)
         _rng_save(folder, 0)
 
-    def load(self, folder: Path) -> None:
-        state = load_file(str(folder / MODEL_FILE))
+    def load(self, folder: Path, trust: bool = False) -> None:
+        """Resume from ``folder`` (safetensors and a weights-only ``torch.load``: nothing to trust)."""
+        state = read_safetensors(folder / MODEL_FILE)
         state["lm_head.embedding.weight"] = state["embeddings.word_embeddings.weight"]
         self.model.load_state_dict(state, strict=True)
         opt = torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=True)  # tensors and numbers only
@@ -525,7 +531,13 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
         _rng_save(root / tag, self.env.rank)
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, trust: bool = False) -> None:
+        """Resume from ``folder``; its files are read with the restricted (weights-only) unpickler unless
+        ``trust`` (:mod:`pmlm_engine.safe_load`). The folder's manifest was verified by the caller."""
+        if not trust:
+            from .safe_load import install_weights_only_loader
+
+            install_weights_only_loader(self.ds)
         path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
         if path is None:

@@ -50,7 +50,10 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from .errors import run_cli
+from .outputs import atomic_file, check_output_file, json_safe
 
 log = logging.getLogger("pmlm_engine.evaluate")
 
@@ -273,6 +276,11 @@ def markdown(rows: Sequence[Scores]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pmlm_engine.evaluate``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", nargs="*", default=[], help="prediction files (JSONL from decode, or plain text)")
@@ -291,28 +299,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .cli import quiet_dependencies
 
     quiet_dependencies()  # absl's "Using default tokenizer." once per system
-    try:
-        baselines = [("lead-words", n) for n in args.lead] + [parse_baseline(b) for b in args.baseline]
-        if not args.pred and not baselines:
-            raise ValueError("nothing to score: give --pred FILE and/or --baseline lead-words:N | lead-sentences:K")
-        refs = read_references(args.ref)
-        rows = []
-        repetition: dict[str, dict[str, float]] = {}
-        for f in args.pred:
-            preds = align(read_predictions(f), refs)
-            rows.append(score(preds, refs.texts, Path(f).name, not args.cased_bleu))
-            if args.repetition:
-                repetition[Path(f).name] = repetition_rates(preds)
-        for kind, n in baselines:
-            if refs.sources is None:
-                raise ValueError(f"baselines need sources: {args.ref} has no \"src\" field")
-            if n < 1:
-                raise ValueError(f"--lead {n}: expected a positive number of words")
-            name = f"lead-{n}" if kind == "lead-words" else f"lead-{n}-sentences"
-            rows.append(score([baseline(kind, n, s) for s in refs.sources], refs.texts, name, not args.cased_bleu))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    baselines = [("lead-words", n) for n in args.lead] + [parse_baseline(b) for b in args.baseline]
+    if not args.pred and not baselines:
+        raise ValueError("nothing to score: give --pred FILE and/or --baseline lead-words:N | lead-sentences:K")
+    if args.output:  # before any work: not a folder, not one of the inputs
+        check_output_file(args.output, inputs=[args.ref, *args.pred])
+    refs = read_references(args.ref)
+    rows = []
+    repetition: dict[str, dict[str, float]] = {}
+    for f in args.pred:
+        preds = align(read_predictions(f), refs)
+        rows.append(score(preds, refs.texts, Path(f).name, not args.cased_bleu))
+        if args.repetition:
+            repetition[Path(f).name] = repetition_rates(preds)
+    for kind, n in baselines:
+        if refs.sources is None:
+            raise ValueError(f"baselines need sources: {args.ref} has no \"src\" field")
+        if n < 1:
+            raise ValueError(f"--lead {n}: expected a positive number of words")
+        name = f"lead-{n}" if kind == "lead-words" else f"lead-{n}-sentences"
+        rows.append(score([baseline(kind, n, s) for s in refs.sources], refs.texts, name, not args.cased_bleu))
     print(markdown(rows))
     if args.repetition:
         repetition["references"] = repetition_rates(refs.texts)
@@ -320,11 +326,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name}: {rates['repeated_word_pct']:.1f}% repeat a content word, "
                   f"{rates['repeated_bigram_pct']:.1f}% a word bigram")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         out: dict[str, Any] = {"references": args.ref, "scores": [asdict(r) for r in rows]}
         if args.repetition:
             out["repetition"] = repetition
-        Path(args.output).write_text(json.dumps(out, indent=2))
+        with atomic_file(args.output) as fh:
+            fh.write(json.dumps(json_safe(out), indent=2, allow_nan=False))
     return 0
 
 

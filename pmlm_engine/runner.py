@@ -18,7 +18,12 @@ the model starts, which loss weights); the :class:`Runner` owns everything else,
   (a task's batch is a pure function of the step), schedule, optimizer state and RNG, so the
   loss sequence equals an uninterrupted run's bit for bit;
 * the final export: the consolidated fp32 model in ``out/final`` (safetensors + config.json),
-  read back and compared bit for bit.
+  read back and compared bit for bit;
+* safety (:mod:`pmlm_engine.guard`, :mod:`pmlm_engine.lock`, :mod:`pmlm_engine.manifest`): ``out`` is
+  locked for the run; the checkpoint to resume is verified against its manifest before anything
+  reads it; a non-finite gradient norm skips the update and ``guard.max_nonfinite_steps`` in a row
+  stop the run; nothing non-finite is saved or exported; an earlier run's checkpoints and
+  ``metrics.jsonl`` are never deleted or truncated without ``--resume never --overwrite``.
 
 Extension points (for checks that need the gradients or the checkpoint files):
 :meth:`Runner.before_optimizer_step` runs after the last backward of a step and before the
@@ -29,6 +34,7 @@ through :class:`pmlm_engine.checkpoint.CheckpointManager` (:meth:`Runner.save`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,7 +46,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .checkpoint import CheckpointManager, load_model, save_state
+from .checkpoint import CheckpointManager, check_finite, load_model, save_state
 from .engine import (
     DistEnv,
     all_reduce_sum,
@@ -53,6 +59,10 @@ from .engine import (
     init_distributed,
     target_counts,
 )
+from .errors import NonFiniteError, OutputRefusedError
+from .guard import FiniteGuard
+from .lock import FolderLock
+from .outputs import json_safe, read_jsonl_repairing
 from .rng import derive_seed
 from .task import Task
 from .train_config import RunConfig, to_dict
@@ -143,13 +153,12 @@ class Metrics:
         self.writer = None
         if not enabled:
             return
-        if start_step and self.path.is_file():
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        if start_step and self.path.is_file():  # a torn last line (a crash mid-write) is cut back, with a warning
+            rows = [r for r in read_jsonl_repairing(self.path) if r.get("step", 0) <= start_step]
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tmp.replace(self.path)
-        elif not start_step:
+        elif not start_step:  # a fresh start: earlier rows were refused before (Runner.choose_resume) or --overwrite
             self.path.write_text("")
         self.file = self.path.open("a")
         if tensorboard:
@@ -160,11 +169,11 @@ class Metrics:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(json_safe(row), allow_nan=False) + "\n")  # NaN/inf -> null: valid JSON
         self.file.flush()
         if self.writer is not None:
             for key, tag in self.TAGS:
-                if row.get(key) is not None:
+                if row.get(key) is not None and math.isfinite(row[key]):
                     self.writer.add_scalar(tag, row[key], row["step"])
 
     def close(self) -> None:
@@ -207,7 +216,7 @@ def trajectory(cfg_dict: dict[str, Any], world_size: int, engine: str, precision
     """The configuration fields that decide the loss curve (a resumed run must match them)."""
     d = json.loads(json.dumps(cfg_dict))
     d["precision"] = precision  # resolved: "auto" may mean different things on different machines
-    for key in ("checkpoint", "logging", "out", "global_batch_size", "engine", "threads"):
+    for key in ("checkpoint", "logging", "out", "global_batch_size", "engine", "threads", "guard"):
         d.pop(key, None)
     d.get("data", {}).pop("cache_dir", None)
     d.get("data", {}).pop("tokenizer", None)  # its content is compared (sha256), not its path
@@ -276,6 +285,9 @@ class Runner:
         self.ds_config: Optional[dict[str, Any]] = None
         self.checkpoints: Optional[CheckpointManager] = None
         self.resume_from: Optional[Path] = None
+        self._lock: Optional[FolderLock] = None
+        self.last_saved: Optional[Path] = None
+        """The newest checkpoint of this job (named when the run has to stop)."""
         self.engine: Any = None
 
     # ------------------------------------------------------------------ checks
@@ -302,11 +314,13 @@ class Runner:
     def device(self) -> torch.device:
         return torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-    def validate(self) -> dict[str, Any]:
+    def validate(self, resources: Optional[contextlib.ExitStack] = None) -> dict[str, Any]:
         """Every check that can fail before any output or training (``--print-config`` runs it too):
         :meth:`check`, the task's tokenizer and model configuration, the attention backend in the
         training precision, TensorBoard if asked for, the resume decision and the starting weights.
-        Returns the generated DeepSpeed config ({} under the torch engine)."""
+        Returns the generated DeepSpeed config ({} under the torch engine). With ``resources``
+        (a real run) an existing ``out`` is locked before its checkpoints are looked at, until
+        ``resources`` closes (a new one is locked by :meth:`prepare`, once every check has passed)."""
         self.check()
         self.task.prepare(self.env)
         check_attention(self.task.attention_backend, self.cfg.resolved_precision(), self.device)
@@ -316,17 +330,25 @@ class Runner:
             except ImportError:
                 raise ImportError("logging.tensorboard=true needs TensorBoard: pip install tensorboard "
                                   "(or set logging.tensorboard=false)") from None
+        if resources is not None and self.env.is_main and Path(self.cfg.out).is_dir():
+            self._lock = resources.enter_context(FolderLock(self.cfg.out))  # a second run fails here, at once
         self.checkpoints = CheckpointManager(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep, self.env.is_main,
-                                             barrier)
+                                             barrier, trust=self.cfg.checkpoint.trust)
         self.resume_from = self.choose_resume()
         self.task.prepare_init(resuming=self.resume_from is not None)
         return self.ds_config or {}
 
-    def prepare(self) -> None:
+    def prepare(self, resources: Optional[contextlib.ExitStack] = None) -> None:
         """:meth:`validate`, then the process group and the data."""
-        self.validate()
+        self.validate(resources)
         self.env = init_distributed(self.engine_name)
         on_local_main_first(self.env, lambda: self.task.load_data(self.env))
+        if resources is not None and self.env.is_main and self._lock is None:
+            # out did not exist at validation: it is created (and locked) only now that every check passed
+            self._lock = resources.enter_context(FolderLock(self.cfg.out))
+            if self.choose_resume() != self.resume_from:
+                raise OutputRefusedError(f"out={self.cfg.out} received checkpoints from another run while this "
+                                         f"one was starting: run the same command again")
 
     def choose_resume(self) -> Optional[Path]:
         """The checkpoint to continue from (``checkpoint.resume``), refused if written by another job."""
@@ -334,13 +356,17 @@ class Runner:
         assert manager is not None
         spec = cfg.checkpoint.resume
         if spec == "never":
-            if manager.tags():
-                raise ValueError(f"checkpoint.resume=never but {manager.root} already holds checkpoints "
-                                 f"{manager.tags()}: choose another out / checkpoint.dir, delete them, or set "
-                                 f"checkpoint.resume=auto")
+            if manager.tags() and not cfg.checkpoint.overwrite:
+                raise OutputRefusedError(
+                    f"checkpoint.resume=never but {manager.root} already holds checkpoints {manager.tags()} of an "
+                    f"earlier run: to start afresh over them (deleting them and metrics.jsonl) pass --resume never "
+                    f"--overwrite; or choose another out, or --resume auto to continue")
+            self._check_fresh_metrics()
             return None
-        folder = manager.latest() if spec == "auto" else Path(spec)
+        # the manifest is verified before anything (DeepSpeed included) reads the folder
+        folder = manager.latest() if spec == "auto" else manager.verify(Path(spec))
         if folder is None:
+            self._check_fresh_metrics()
             return None
         state = CheckpointManager.read_state(folder)
         ignores = self.task.resume_ignores
@@ -357,6 +383,13 @@ class Runner:
                              f"afresh")
         return folder
 
+    def _check_fresh_metrics(self) -> None:
+        """A fresh start empties metrics.jsonl: refused when it holds rows, unless ``--overwrite``."""
+        path = Path(self.cfg.out) / METRICS
+        if not self.cfg.checkpoint.overwrite and path.is_file() and path.read_bytes().strip():
+            raise OutputRefusedError(f"{path} holds the metrics of an earlier run that left no checkpoint to resume: "
+                                     f"to start afresh over it pass --resume never --overwrite, or choose another out")
+
     # ------------------------------------------------------------------ hooks
 
     def before_optimizer_step(self, step: int) -> None:
@@ -364,12 +397,21 @@ class Runner:
         step: the gradients of the whole global batch are in place on every rank."""
 
     def save(self, step: int, tokens: int) -> Path:
-        """A resumable checkpoint after ``step`` steps (every rank calls it)."""
+        """A resumable checkpoint after ``step`` steps (every rank calls it); refused, on every rank, when
+        any rank's parameters hold NaN or inf (nothing non-finite is ever written)."""
         assert self.checkpoints is not None
+        # this rank's values: under ZeRO-3 a parameter is a placeholder and its shard is ``ds_tensor``
+        local = {name: getattr(p, "ds_tensor", p).detach() for name, p in self.engine.model.named_parameters()}
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(t).all()) for t in local.values()) else 1.0])
+        if float(all_reduce_sum(bad)) > 0:
+            check_finite(local, f"the model at step {step} (not saved; the last good checkpoint is {self.last_saved})")
+            raise NonFiniteError(f"the model at step {step} holds non-finite values on another rank: not saved; the "
+                                 f"last good checkpoint is {self.last_saved}")
         state = {"step": step, "tokens": tokens, "config": to_dict(self.cfg), "world_size": self.env.world_size,
                  "engine": self.engine_name, "precision": self.cfg.resolved_precision(), "task": self.task.name,
                  "fingerprint": self.task.fingerprint, "format": 2, "time": time.time()}
-        return self.checkpoints.save(step, self.engine.save, state)
+        self.last_saved = self.checkpoints.save(step, self.engine.save, state)
+        return self.last_saved
 
     def export(self, path: Path) -> Path:
         """The consolidated fp32 model (gathered from every rank under ZeRO), re-loaded and compared bit for bit."""
@@ -389,13 +431,24 @@ class Runner:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
-        """Run (or resume) the task; return a summary (first/last loss, steps, where things are)."""
+        """Run (or resume) the task; return a summary (first/last loss, steps, where things are).
+        ``out`` is locked from before the resume decision to the end of the run."""
+        with contextlib.ExitStack() as resources:
+            return self._run(resources)
+
+    def _run(self, resources: contextlib.ExitStack) -> dict[str, Any]:
         t_start = time.perf_counter()
         cfg, task = self.cfg, self.task
         apply_threads(cfg.threads)
-        self.prepare()
+        self.prepare(resources)
         env = self.env
         out = Path(cfg.out)
+        if self.resume_from is None and cfg.checkpoint.resume == "never" and cfg.checkpoint.overwrite:
+            assert self.checkpoints is not None
+            cleared = self.checkpoints.clear()  # --resume never --overwrite: the earlier run's checkpoints go
+            if cleared:
+                log.warning("--resume never --overwrite: deleted the earlier run's checkpoints %s in %s", cleared,
+                            self.checkpoints.root)
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / task.config_file).write_text(json.dumps(to_dict(cfg), indent=2))
@@ -412,14 +465,17 @@ class Runner:
         start, tokens_seen = 0, 0
         if self.resume_from is not None:
             state = CheckpointManager.read_state(self.resume_from)
-            engine.load(self.resume_from)
+            engine.load(self.resume_from, trust=cfg.checkpoint.trust)
+            self.last_saved = self.resume_from
             start, tokens_seen = int(state["step"]), int(state["tokens"])
             log.info("resumed from %s at step %d", self.resume_from, start)
 
         metrics = Metrics(out, cfg.logging.tensorboard, start, env.is_main)
         summary: dict[str, Any] = {"start_step": start, "stopped_by": None}
         history: list[float] = []
+        steps_run = 0
         window = Window()
+        guard = FiniteGuard(cfg.resolved_precision(), cfg.guard)
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=task.name, unit="step", dynamic_ncols=True,
@@ -451,12 +507,11 @@ class Runner:
                 all_reduce_sum(sums)
                 ae_loss, par_loss = float(sums[0]) / n_ae, float(sums[1]) / n_par
                 loss = w_ae * ae_loss + w_par * par_loss
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step + 1}: lower optim.lr, or use "
-                                             f"precision=fp32")
                 done = step + 1
+                steps_run += 1
                 tokens_seen += int(sums[2])
-                history.append(loss)
+                if math.isfinite(loss):
+                    history.append(loss)
                 window.add(loss, ae_loss, par_loss, int(sums[2]), int(counts[1]), time.perf_counter() - t0, stats)
                 bar.update(1)
                 if env.is_main and cfg.logging.progress:
@@ -466,6 +521,14 @@ class Runner:
                     bar.set_postfix(**shown, tok_s=f"{window.tokens / max(time.perf_counter() - t_window, 1e-9):.0f}",
                                     refresh=False)
                 stopping = float(sums[3]) > 0
+                try:  # a non-finite step was skipped by the engine; too many in a row stop the run here
+                    guard.after_step(done, loss, stats.grad_norm, stats.skipped, self.last_saved)
+                except NonFiniteError:
+                    elapsed = time.perf_counter() - t_window
+                    metrics.write({**window.row(done, elapsed, tokens_seen, task.components),
+                                   **task.row_extra(done, window, elapsed)})  # the stopping step's row first
+                    metrics.close()
+                    raise
                 if done % cfg.logging.every == 0 or done == cfg.steps or stopping:
                     elapsed = time.perf_counter() - t_window
                     row = window.row(done, elapsed, tokens_seen, task.components)
@@ -481,7 +544,7 @@ class Runner:
                     break
         bar.close()
         metrics.close()
-        done = step + 1 if history else start
+        done = step + 1 if steps_run else start
         assert self.checkpoints is not None
         summary.update(steps=done, tokens=tokens_seen,
                        checkpoint=str(self.checkpoints.latest() or "") if env.is_main else "",

@@ -48,6 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from .errors import run_cli
+from .outputs import atomic_file, check_output_file, json_safe
+
 log = logging.getLogger(__name__)
 
 TEST_SIZE = 200
@@ -269,19 +272,20 @@ def encode_pairs(records: Sequence[PairRecord], tokenizer: Any, max_src_len: int
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write rows as JSONL through a temporary file renamed into place."""
+    """Write rows as JSONL through a temporary file renamed into place (removed on failure)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(check_output_file(path)) as f:
+        for row in rows:  # non-finite numbers (a -inf score) become null: the file stays valid JSON
+            f.write(json.dumps(json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m pmlm_engine.s2s_data export SPEC OUT``."""
+    """``python -m pmlm_engine.s2s_data export SPEC OUT``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.s2s_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -290,13 +294,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p_exp.add_argument("out", help="JSONL file to write")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        records = load_pair_spec(args.spec, default_split="all")
-        write_jsonl([{"id": r.id, "src": r.src, "tgt": r.tgt} for r in records], args.out)
-        print(f"wrote {len(records)} pairs to {args.out}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_output_file(args.out, inputs=[args.spec], what="out")
+    records = load_pair_spec(args.spec, default_split="all")
+    write_jsonl([{"id": r.id, "src": r.src, "tgt": r.tgt} for r in records], args.out)
+    print(f"wrote {len(records)} pairs to {args.out}")
     return 0
 
 

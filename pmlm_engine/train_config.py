@@ -33,6 +33,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .config import PRESETS, MaskingConfig, ModelConfig
 from .data import DataConfig
+from .guard import GuardConfig
 from .optim import OptimConfig
 
 log = logging.getLogger("pmlm_engine.config")
@@ -117,6 +118,12 @@ class CheckpointConfig:
     """Save a checkpoint after the last step."""
     export: bool = True
     """Write the consolidated fp32 model (``<out>/final``: model.safetensors + config.json) at the end."""
+    overwrite: bool = False
+    """With ``resume=never``: start afresh over an existing job's checkpoints and metrics.jsonl
+    (``--resume never --overwrite``). Without it, they are never deleted or truncated."""
+    trust: bool = False
+    """Resume from a checkpoint folder without a manifest (written by an older version), and let
+    DeepSpeed unpickle its files (``--trust-checkpoint``): only for checkpoints you wrote yourself."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -216,6 +223,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

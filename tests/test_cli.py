@@ -157,13 +157,13 @@ def test_print_config_round_trips_through_config_stdin(kind: str, tiny_folder, t
     assert not (tmp_path / "t").exists() and not (tmp_path / "f").exists()  # --print-config writes nothing
 
 
-@pytest.mark.parametrize("kind,argv,match", [
-    ("train", ["--attention-backend", "foo"], r"foo"),
-    ("finetune", ["--corpus", "x.jsonl"], r"init is not set"),
-    ("decode", ["--init", "nowhere"], r"nowhere.*config.json not found"),
+@pytest.mark.parametrize("kind,argv,match,code", [
+    ("train", ["--attention-backend", "foo"], r"foo", 2),  # exit codes: pmlm_engine/errors.py
+    ("finetune", ["--corpus", "x.jsonl"], r"init is not set", 2),
+    ("decode", ["--init", "nowhere"], r"nowhere.*config.json not found", 3),
 ])
-def test_print_config_runs_the_checks_of_a_real_run(kind, argv, match, capsys):
-    assert _main(kind)([*argv, "--print-config"]) == 2
+def test_print_config_runs_the_checks_of_a_real_run(kind, argv, match, code, capsys):
+    assert _main(kind)([*argv, "--print-config"]) == code
     assert re.search(match, capsys.readouterr().err)
 
 
@@ -181,7 +181,7 @@ def test_a_finetune_with_bad_inputs_creates_no_output_folder(tiny_folder, tmp_pa
     bad.write_text('{"src": "a b c"}\n')
     from pmlm_engine.finetune import main
 
-    assert main(["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "o1"), "--threads", "1"]) == 2
+    assert main(["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "o1"), "--threads", "1"]) == 3
     assert "missing" in capsys.readouterr().err and not (tmp_path / "o1").exists()
     assert main(["--init", str(folder), "--corpus", str(bad), "--out", str(tmp_path / "o2"), "--threads", "1"]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err and not (tmp_path / "o2").exists()

@@ -94,5 +94,5 @@ def test_cli_lead_sentences_and_words_baselines(tmp_path: Path, capsys):
     for bad in ("lead-sentences", "lead-sentences:0", "lead-paragraphs:2", "lead-words:x"):
         with pytest.raises(ValueError, match="lead-words:N or lead-sentences:K"):
             parse_baseline(bad)
-    assert main(["--ref", str(ref), "--baseline", "lead-lines:2"]) == 1
+    assert main(["--ref", str(ref), "--baseline", "lead-lines:2"]) == 2  # usage (pmlm_engine/errors.py)
     capsys.readouterr()
