@@ -47,7 +47,7 @@ STEPS = 12
 
 def _run(args: list[str], launcher: list[str]) -> None:
     proc = subprocess.run([*launcher, str(FINETUNE_SCRIPT), *args], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"finetune.py exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")
@@ -91,24 +91,24 @@ def test_two_ranks_zero2_match_one_process_and_resume_after_sigterm(tmp_path: Pa
     for k in want:
         torch.testing.assert_close(have[k], want[k], rtol=0, atol=1e-5, msg=k)
 
-    # the same 2-rank job, SIGTERM to both ranks after >= 3 logged steps, then the same command again
+    # the same 2-rank job, SIGTERM to both ranks after >= 2 logged steps, then the same command again
     cut = [*z2, "--out", str(tmp_path / "cut")]
     port = str(_free_port())
     proc = subprocess.Popen([*ds, "--master_port", port, str(FINETUNE_SCRIPT), *cut], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+    deadline = time.monotonic() + 900  # start-up alone took 190 s on the shared 2-core machine at load ~12
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
         time.sleep(0.005)
     ranks = _ranks(psutil.Process(proc.pid))
     assert len(ranks) == 2
     for r in ranks:
         r.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
+    out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     stopped = metrics(tmp_path / "cut")[-1]["step"]
-    assert 3 <= stopped < STEPS, "the job ended before the signal arrived: make it longer"
+    assert 2 <= stopped < STEPS, "the job ended before the signal arrived: make it longer"
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
     _run(cut, [*ds, "--master_port", str(_free_port())])
     resumed = metrics(tmp_path / "cut")
