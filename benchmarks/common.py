@@ -48,6 +48,39 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 2, repe
     return {k: Timing(statistics.median(v), quantile(v, 0.2), quantile(v, 0.8), repeats) for k, v in times.items()}
 
 
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes of tensor memory allocated while ``fn()`` runs, above what was live when it started.
+
+    On a GPU: ``torch.cuda.max_memory_allocated``. On the CPU there is no allocator statistic, so
+    this replays the allocation and free events of torch's CPU allocator recorded by
+    ``torch.profiler`` (``profile_memory=True``) and takes the maximum of their running sum.
+    That counts exactly the tensors (the quantity that decides whether a batch fits, and the
+    same one the CUDA figure counts), not the process's resident set: ``ru_maxrss`` only ever
+    grows, includes the interpreter and libraries (several hundred MB shared by every variant)
+    and pages malloc keeps after a free, so it would need a fresh process per variant and
+    would still blur the ratios. The profiler slows ``fn``: call this outside timed runs.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()  # > 0 allocation, < 0 free
+        peak = max(peak, live)
+    return peak
+
+
 def _cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -103,4 +136,4 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines)
 
 
-__all__ = ["Timing", "quantile", "measure_interleaved", "environment", "markdown_table"]
+__all__ = ["Timing", "quantile", "measure_interleaved", "peak_memory", "environment", "markdown_table"]

@@ -44,12 +44,13 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # run.py imports this module from its own folder; keep `common` importable
     sys.path.insert(0, str(HERE))
 
-from common import environment, markdown_table, measure_interleaved  # noqa: E402
+from common import environment, markdown_table, measure_interleaved, peak_memory  # noqa: E402
 
 from pmlm_engine.config import MaskingConfig, ModelConfig  # noqa: E402
 from pmlm_engine.engine import PMLMTrainStep, target_counts  # noqa: E402
 from pmlm_engine.layout import IGNORE, Example, SpecialIds, build_example, collate_padded  # noqa: E402
-from pmlm_engine.model import PMLMModel  # noqa: E402
+from pmlm_engine.losses import pmlm_loss  # noqa: E402
+from pmlm_engine.model import LMHead, PMLMModel  # noqa: E402
 from pmlm_engine.optim import OptimConfig, build_optimizer  # noqa: E402
 from pmlm_engine.rng import derive_seed  # noqa: E402
 
@@ -163,6 +164,52 @@ def measure_case(case: StepCase, warmup: int, repeats: int) -> list[dict[str, An
                      "examples_per_s": case.batch / t.median,
                      "vs_mlm": t.median / timings["mlm"].median,
                      "naive_over_this": timings["naive"].median / t.median})
+    return rows
+
+
+# --------------------------------------------------------------------------- the head alone
+
+
+def head_functions(preset: str, dtype: str, batch: int, max_len: int, seed: int = 0
+                   ) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
+    """Forward + backward of the LM head and the AE + PAR loss on the target rows of a real PMLM batch,
+    unfused (``(N, V)`` logits) and fused (:mod:`pmlm_engine.fused_ce`), from the same hidden states."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset(preset, vocab_size=SPECIAL.random_hi)
+    head = LMHead(cfg, torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size))
+    batch_t = collate_padded(make_examples(batch, max_len, seed), SPECIAL.pad, pad_to_multiple=8)
+    hidden = torch.randn(*batch_t["input_ids"].shape, cfg.hidden_size, requires_grad=True)  # (B, L, C)
+    ac = torch.bfloat16 if dtype == "bf16" else None
+
+    def run(fused: bool) -> None:
+        with torch.autocast("cpu", dtype=ac or torch.float32, enabled=ac is not None):
+            out = pmlm_loss(hidden, batch_t["labels"], batch_t["step"], head, fused=fused)
+        out.loss.backward()
+        hidden.grad = None
+        head.zero_grad(set_to_none=True)
+
+    n_ae, n_par = target_counts(batch_t)
+    return ({"unfused": lambda: run(False), "fused": lambda: run(True)},
+            {"targets": n_ae + n_par, "vocab": cfg.vocab_size, "hidden": cfg.hidden_size})
+
+
+def run_head_suite(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
+    """The head alone, unfused vs fused: time (interleaved medians) and peak tensor memory.
+    The target of issue 14 is at 16 x 512 (>= 3x lower peak memory fused)."""
+    shapes = [("tiny", 2, 64)] if smoke else [("small", 16, 512)] if quick else [("small", 16, 512), ("base", 16, 512)]
+    warmup, repeats = (0, 1) if smoke else (1, 3) if quick else (1, 5)
+    rows = []
+    for preset, batch, max_len in shapes:
+        for dtype in ("bf16",) if smoke else ("fp32", "bf16"):
+            fns, facts = head_functions(preset, dtype, batch, max_len)
+            t = measure_interleaved(fns, warmup=warmup, repeats=repeats)
+            mem = {k: peak_memory(fn) for k, fn in fns.items()}
+            for name in fns:
+                rows.append({"preset": preset, "dtype": dtype, "batch": batch, "max_len": max_len, "variant": name,
+                             **facts, "head_median_ms": t[name].median * 1e3, "head_p20_ms": t[name].p20 * 1e3,
+                             "head_p80_ms": t[name].p80 * 1e3, "peak_mem_mb": mem[name] / 2**20,
+                             "time_vs_unfused": t[name].median / t["unfused"].median,
+                             "unfused_mem_over_this": mem["unfused"] / max(mem[name], 1)})
     return rows
 
 

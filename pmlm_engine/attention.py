@@ -69,6 +69,7 @@ def dense_pseudo_mask(
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated eagerly, a constant in the graph
 def bucket_lut(num_buckets: int, max_distance: int) -> tuple[int, ...]:
     """Bucket of every distance ``0 .. max_distance`` for one direction (``num_buckets // 2``
     buckets). This is T5's float32 formula evaluated once per integer distance, so every
@@ -182,13 +183,23 @@ def available_backends() -> list[str]:
     return [name for name in _BACKENDS if _UNAVAILABLE[name]() is None]
 
 
+_optional_loaded = False
+
+
 def _load_optional_backends() -> None:
-    """Optional backends register themselves on import; import failures leave them out."""
+    """Optional backends register themselves on import; import failures leave them out.
+
+    Once per process: afterwards this is a flag test, which torch.compile folds away (an
+    ``import`` inside a compiled layer is a graph break)."""
+    global _optional_loaded
+    if _optional_loaded:
+        return
     for module in ("pmlm_engine.structured_attention", "pmlm_engine.kernels"):
         try:
             __import__(module)
         except ImportError:
             pass
+    _optional_loaded = True
 
 
 def resolve_backend(backend: str, device: torch.device, dropout_p: float = 0.0) -> str:

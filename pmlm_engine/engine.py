@@ -366,9 +366,7 @@ class PMLMTrainStep(nn.Module):
                 doc_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.model(input_ids, position_ids, segment_ids, step, doc_ids)  # (B, L, C)
         out = pmlm_loss(hidden, labels, step, self.model.lm_head, label_smoothing=self.label_smoothing)
-        kind = step[out.token_index[:, 0], out.token_index[:, 1]]  # (N,)
-        token_loss = out.token_loss.float()
-        return token_loss[kind == 0].sum(), token_loss[kind < 0].sum()
+        return out.ae_sum.float(), out.par_sum.float()
 
 
 def _inputs(batch: Mapping[str, Tensor], device: torch.device) -> tuple[Tensor, ...]:

@@ -3,18 +3,21 @@
 Labels live on the layout (``pmlm_engine.layout``): a label at a main token
 (``step == 0``) is an autoencoding target, a label at a pseudo token (``step < 0``)
 is a partially autoregressive target. Only those rows are projected onto the
-vocabulary: the ``(N, V)`` logits never exist for the other tokens.
+vocabulary: the ``(N, V)`` logits never exist for the other tokens. With the fused head
+(:mod:`pmlm_engine.fused_ce`, the default) they never exist in full for the targets either.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layout import IGNORE
+from .model import LMHead
 
 
 @dataclass
@@ -27,8 +30,13 @@ class LossOutput:
     """Mean PAR cross-entropy over the batch's pseudo positions (0 if none)."""
     ae_tokens: int
     par_tokens: int
+    ae_sum: Tensor
+    """Summed AE cross-entropy (differentiable; fp32, fp64 for fp64 models)."""
+    par_sum: Tensor
+    """Summed PAR cross-entropy (differentiable)."""
     token_loss: Tensor
-    """``(N,)`` per-target cross-entropy, in the order of ``token_index``."""
+    """``(N,)`` per-target cross-entropy, in the order of ``token_index``. Carries no gradient
+    with the fused head: differentiate ``loss``, ``ae_sum`` or ``par_sum``."""
     token_index: Tensor
     """``(N, 2)`` (row, column) of each target."""
 
@@ -46,6 +54,7 @@ def pmlm_loss(
     ae_weight: float = 1.0,
     par_weight: float = 1.0,
     label_smoothing: float = 0.0,
+    fused: Optional[bool] = None,
 ) -> LossOutput:
     """Cross-entropy of the labelled tokens, split into AE (main) and PAR (pseudo) terms.
 
@@ -54,24 +63,42 @@ def pmlm_loss(
         labels: ``(B, L)`` target ids, ``IGNORE`` elsewhere.
         step: ``(B, L)`` the layout's steps (0 main, < 0 pseudo).
         head: maps ``(N, C)`` to ``(N, V)`` logits (the tied LM head).
+        label_smoothing: torch's formulation, in ``[0, 1)``.
+        fused: project and score the targets in row chunks without materialising their
+            ``(N, V)`` logits (:func:`pmlm_engine.fused_ce.linear_cross_entropy`); needs the
+            model's :class:`pmlm_engine.model.LMHead`. None: fused whenever the head is one
+            (measured no slower on the CPU and several times less peak memory: the ``head``
+            rows of ``benchmarks/train_step.py``).
     """
     index = gather_targets(labels)  # (N, 2)
     rows, cols = index[:, 0], index[:, 1]
-    logits = head(hidden[rows, cols])  # (N, V): only the targets are projected
-    token_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[rows, cols], reduction="none",
-                                 label_smoothing=label_smoothing)
     kind = step[rows, cols]
-    is_ae, is_par = kind == 0, kind < 0
     if bool((kind > 0).any()):
         raise ValueError("labels found on ORIGINAL tokens (step > 0): the layout puts targets on main "
                          "(AE) and pseudo (PAR) tokens only")
+    is_ae, is_par = kind == 0, kind < 0
     ae_n, par_n = int(is_ae.sum()), int(is_par.sum())
-    zero = token_loss.new_zeros(())
-    ae = token_loss[is_ae].sum() / ae_n if ae_n else zero
-    par = token_loss[is_par].sum() / par_n if par_n else zero
+    fusable = isinstance(head, LMHead)
+    if fused and not fusable:
+        raise ValueError(f"pmlm_loss(fused=True) needs the model's LMHead (pmlm_engine.model.LMHead); got "
+                         f"{type(head).__name__}: pass fused=False")
+    if fused is None:
+        fused = fusable
+    if fused:
+        sums, token_loss = head(hidden[rows, cols], labels[rows, cols], groups=is_par.long(), num_groups=2,
+                                label_smoothing=label_smoothing)
+        ae_sum, par_sum = sums[0], sums[1]
+    else:
+        logits = head(hidden[rows, cols])  # (N, V): only the targets are projected
+        token_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[rows, cols],
+                                     reduction="none", label_smoothing=label_smoothing)
+        ae_sum, par_sum = token_loss[is_ae].sum(), token_loss[is_par].sum()
+    zero = ae_sum.new_zeros(())
+    ae = ae_sum / ae_n if ae_n else zero
+    par = par_sum / par_n if par_n else zero
     return LossOutput(
         loss=ae_weight * ae + par_weight * par,
-        ae_loss=ae, par_loss=par, ae_tokens=ae_n, par_tokens=par_n,
+        ae_loss=ae, par_loss=par, ae_tokens=ae_n, par_tokens=par_n, ae_sum=ae_sum, par_sum=par_sum,
         token_loss=token_loss, token_index=index,
     )
 
