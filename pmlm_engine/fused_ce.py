@@ -102,12 +102,14 @@ def _forward(
     counts = torch.bincount(groups, minlength=num_groups).tolist()
     hs, ys = h.index_select(0, order), labels.index_select(0, order)
     d_h = torch.empty_like(hs)  # (N, C) gradient rows for a unit loss gradient
-    d_w = torch.zeros(num_groups, vocab, c, dtype=acc, device=h.device)  # (G, V, C)
+    d_w = torch.empty(num_groups, vocab, c, dtype=acc, device=h.device)  # (G, V, C): set by a group's first chunk
     d_b = torch.zeros(num_groups, vocab, dtype=acc, device=h.device) if bias is not None else None
     loss = torch.empty(n, dtype=acc, device=h.device)
     step = chunk_rows(max(n, 1), vocab)
     start = 0
     for g, count in enumerate(counts):
+        if count == 0:
+            d_w[g].zero_()
         for s in range(start, start + count, step):
             e = min(s + step, start + count)
             hc = hs[s:e]  # (R, C)
@@ -118,7 +120,9 @@ def _forward(
                 d_b[g] += lf.sum(0)
             dl = lf.to(compute_dtype)  # (R, V) as autograd would pass it back to a compute-dtype matmul
             torch.mm(dl, w, out=d_h[s:e])
-            if acc == compute_dtype:
+            if s == start:  # the group's first chunk writes its accumulator
+                d_w[g].copy_(dl.t() @ hc) if acc != compute_dtype else torch.mm(dl.t(), hc, out=d_w[g])
+            elif acc == compute_dtype:
                 d_w[g].addmm_(dl.t(), hc)
             else:  # low-precision GEMM, fp32 accumulation across chunks
                 d_w[g] += dl.t() @ hc

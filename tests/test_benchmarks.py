@@ -23,7 +23,7 @@ def test_run_py_smoke_writes_every_output(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     suites = {r["suite"] for r in rows}
-    assert suites == {"environment", "attention", "step", "decode", "data", "aot"}
+    assert suites == {"environment", "attention", "step", "head", "decode", "data", "aot"}
     envrow = rows[0]
     for key in ("cpu", "cores", "torch", "triton", "deepspeed", "git", "date"):
         assert envrow.get(key) not in (None, ""), key
@@ -32,6 +32,11 @@ def test_run_py_smoke_writes_every_output(tmp_path):
     assert {r["impl"] for r in attention} >= {"torch", "sdpa", "eager"}
     assert all(r["fwd_ms"] and r["fwd_ms"] > 0 and 0 < r["kernel_tile_fraction"] <= 1 for r in attention)
     assert all(r["spill_stores"] == 0 for r in rows if r["suite"] == "aot")
+    assert {r["kernel"] for r in rows if r["suite"] == "aot"} >= {"fwd", "fused_ce", "fused_ce_smooth"}
+    step = [r for r in rows if r["suite"] == "step"]
+    assert {r["variant"] for r in step} >= {"pmlm", "mlm", "naive", "hf_mlm"}
+    assert all(r["peak_mem_mb"] > 0 and r["gflop_per_step"] > 0 and 0 < r["mfu"] < 1 for r in step)
+    assert {r["variant"] for r in rows if r["suite"] == "head"} == {"unfused", "fused"}
     report = (tmp_path / "report.md").read_text()
     assert "## attention" in report and "## aot" in report and "| impl |" in report
     assert (tmp_path / "attention_fwd.png").stat().st_size > 0

@@ -118,3 +118,39 @@ def test_bad_labels_are_refused():
         linear_cross_entropy(h, w, b, labels, groups, 2)
     with pytest.raises(ValueError, match="groups"):
         linear_cross_entropy(h, w, b, labels.clamp(max=9), groups, 1)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_pmlm_loss_fused_equals_unfused_on_a_model(smoothing):
+    """``pmlm_loss`` through the model's head, fused and unfused, in float64: AE/PAR losses, per-token
+    losses and every parameter's gradient (the tied embedding gets both its input and output parts)."""
+    import numpy as np
+
+    from pmlm_engine.layout import collate_padded
+    from pmlm_engine.losses import pmlm_loss
+    from tests.helpers import SPECIAL, random_example, tiny_model
+
+    rng = np.random.default_rng(3)
+    batch = collate_padded([random_example(rng, n, seed=i) for i, n in enumerate((29, 17, 40))], SPECIAL.pad)
+    results = []
+    for fused in (False, True):
+        model = tiny_model(torch.float64)
+        h = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"], batch["step"], batch["doc_ids"])
+        out = pmlm_loss(h, batch["labels"], batch["step"], model.lm_head, ae_weight=0.7, par_weight=1.3,
+                        label_smoothing=smoothing, fused=fused)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    assert a.ae_tokens == b.ae_tokens > 0 and a.par_tokens == b.par_tokens > 0
+    for name in ("loss", "ae_loss", "par_loss", "ae_sum", "par_sum", "token_loss"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-12, atol=1e-12, msg=name)
+    for name, g in ga.items():
+        torch.testing.assert_close(gb[name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_pmlm_loss_fused_needs_the_model_head():
+    from pmlm_engine.losses import pmlm_loss
+
+    labels = torch.tensor([[5, -100]])
+    with pytest.raises(ValueError, match="LMHead"):
+        pmlm_loss(torch.randn(1, 2, 4), labels, torch.zeros(1, 2, dtype=torch.long), torch.nn.Linear(4, 9), fused=True)
