@@ -1,7 +1,7 @@
 """Triton kernels of pmlm-engine, installed as ``pmlm_engine.kernels``.
 
-Importing this package registers the ``"triton"`` attention backend with
-:func:`pmlm_engine.attention.register_backend` (``pmlm_engine.attention`` imports it lazily).
+:mod:`pmlm_engine.attention` imports :mod:`.pseudo_mask_attention` and registers its ``BACKEND``
+as the ``"triton"`` attention backend (only a missing ``triton`` package makes it unavailable).
 Nothing here touches CUDA at import: availability is checked when the backend is chosen.
 
 * :mod:`.pseudo_mask_attention`: the fused kernels, the custom ops and the backend.

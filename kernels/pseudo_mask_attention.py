@@ -46,9 +46,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pmlm_engine.attention import RelativePositionBias, register_backend, relative_position_bucket
+from pmlm_engine.attention_api import AttentionLayout
+from pmlm_engine.mask_rule import resolve_layout
+from pmlm_engine.position_bias import RelativePositionBias, relative_position_bucket
 
-from .tile_stats import TileStats, resolve_layout, tile_classes, tile_lists, tile_stats
+from .tile_stats import TileStats, tile_classes, tile_lists, tile_stats
 
 # The kernels work in base 2: exp(x) = exp2(x * log2(e)). Kernel globals must be tl.constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -922,18 +924,26 @@ def unavailable() -> Optional[str]:
             "TRITON_INTERPRET=1 before importing triton to run the kernels interpreted on the CPU (slow)")
 
 
-def _backend(q: Tensor, k: Tensor, v: Tensor, step: Tensor, doc_ids: Optional[Tensor],
-             bias: Optional[RelativePositionBias], scale: float, dropout_p: float, q_step: Optional[Tensor],
-             q_doc_ids: Optional[Tensor]) -> Tensor:
-    """``pmlm_engine.attention`` backend signature."""
-    if dropout_p > 0:
-        raise ValueError(f"dropout_p={dropout_p}: the triton backend does not implement attention dropout; "
-                         "use backend='sdpa' (or 'auto', which picks it) or set attention_dropout=0")
-    return fused_pseudo_mask_attention(q, k, v, step, doc_ids, bias, q_step=q_step, q_doc_ids=q_doc_ids,
-                                       scale=scale)
+class TritonBackend:
+    """The ``triton`` attention backend (``pmlm_engine.attention`` registers :data:`BACKEND`)."""
+
+    name = "triton"
+
+    def unavailable(self) -> Optional[str]:
+        return unavailable()
+
+    def prepare(self, layout: AttentionLayout) -> None:
+        return None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, scale: float) -> Tensor:
+        if layout.dropout_p > 0:
+            raise ValueError(f"dropout_p={layout.dropout_p}: the triton backend does not implement attention "
+                             "dropout; use backend='sdpa' (or 'auto', which picks it) or set attention_dropout=0")
+        return fused_pseudo_mask_attention(q, k, v, layout.step, layout.doc_ids, layout.bias, q_step=layout.q_step,
+                                           q_doc_ids=layout.q_doc_ids, scale=scale)
 
 
-register_backend("triton", _backend, unavailable)
+BACKEND = TritonBackend()
 
-__all__ = ["BlockConfig", "DEFAULT_CONFIGS", "FP32_CONFIGS", "INTERPRETED", "bias_lut", "default_config",
+__all__ = ["BACKEND", "BlockConfig", "DEFAULT_CONFIGS", "FP32_CONFIGS", "INTERPRETED", "bias_lut", "default_config",
            "flop_model", "fused_pseudo_mask_attention", "unavailable"]

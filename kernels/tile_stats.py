@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from pmlm_engine.mask_rule import check_layout, dense_pseudo_mask, resolve_layout
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 # Sentinels for min/max over an empty set; any real step or doc id lies strictly between them.
@@ -107,49 +109,6 @@ def _key_tiles(step: Tensor, doc: Tensor, block: int) -> _KeyTiles:
     )
 
 
-def resolve_layout(
-    step: Tensor,
-    doc_ids: Optional[Tensor],
-    q_step: Optional[Tensor],
-    q_doc_ids: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fill in the defaults of ``pseudo_mask_attention``'s layout arguments.
-
-    Returns ``(q_step, q_doc, k_step, k_doc)``: ``(B, Lq)`` and ``(B, Lk)`` integer tensors, with
-    one document (all zeros) when ``doc_ids`` is None and the keys' metadata for the queries when
-    ``q_step`` is None.
-    """
-    _check_layout("step", step, doc_ids)
-    k_doc = torch.zeros_like(step) if doc_ids is None else doc_ids
-    if q_step is None:
-        if q_doc_ids is not None:
-            raise ValueError("q_doc_ids was given without q_step: pass both (decoding) or neither")
-        return step, k_doc, step, k_doc
-    _check_layout("q_step", q_step, q_doc_ids)
-    if q_step.shape[0] != step.shape[0]:
-        raise ValueError(f"q_step has batch {q_step.shape[0]} but step has batch {step.shape[0]}")
-    if q_doc_ids is None:
-        if doc_ids is None:
-            return q_step, torch.zeros_like(q_step), step, k_doc
-        if q_step.shape != step.shape:
-            raise ValueError(f"q_doc_ids is required when doc_ids is given and queries ({q_step.shape[1]}) "
-                             f"and keys ({step.shape[1]}) differ in length")
-        return q_step, k_doc, step, k_doc
-    if doc_ids is None:
-        raise ValueError("q_doc_ids was given without doc_ids: pass the keys' doc_ids too")
-    return q_step, q_doc_ids, step, k_doc
-
-
-def _check_layout(name: str, step: Tensor, doc: Optional[Tensor]) -> None:
-    for what, t in ((name, step), ("doc ids", doc)):
-        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-            raise TypeError(f"{what} must be an integer tensor; got {t.dtype}: pass the layout's int64 ids")
-    if step.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, L); got {tuple(step.shape)}")
-    if doc is not None and doc.shape != step.shape:
-        raise ValueError(f"doc ids of shape {tuple(doc.shape)} do not match {name} of shape {tuple(step.shape)}")
-
-
 def tile_classes(
     q_step: Tensor,
     q_doc: Tensor,
@@ -167,8 +126,8 @@ def tile_classes(
     Returns:
         ``(B, ceil(Lq / block_m), ceil(Lk / block_n))`` int8.
     """
-    _check_layout("q_step", q_step, q_doc)
-    _check_layout("k_step", k_step, k_doc)
+    check_layout("q_step", q_step, q_doc)
+    check_layout("k_step", k_step, k_doc)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: expected a positive int")
@@ -279,8 +238,6 @@ def tile_stats(
         block_m, block_n: query and key tile sizes of the kernel pass to model.
         q_step, q_doc_ids: ``(B, Lq)`` the queries' own metadata when they differ from the keys.
     """
-    from pmlm_engine.attention import dense_pseudo_mask
-
     qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
     classes = tile_classes(qs, qd, ks, kd, block_m, block_n)
     counts = torch.bincount(classes.flatten().long(), minlength=3).tolist()

@@ -394,6 +394,24 @@ class SentencePieceTokenizer(Tokenizer):
 # --------------------------------------------------------------------------- loading
 
 
+DEFAULT_TOKENIZER = "bert-base-uncased"
+"""The tokenizer name that means MiniLM's ``vocab.txt`` (bert-base-uncased's vocabulary, shipped offline)."""
+
+
+def resolve_tokenizer(spec: str | None, recorded: str | None = None) -> str:
+    """The tokenizer file to use: ``spec``, else ``recorded`` (e.g. the one a checkpoint names), else
+    :data:`DEFAULT_TOKENIZER`, which resolves to MiniLM's ``vocab.txt``.
+
+    Lives here (not in the training modules) so decoding can load a tokenizer without importing them.
+    """
+    choice = spec or recorded or DEFAULT_TOKENIZER
+    if choice == DEFAULT_TOKENIZER:
+        from .corpus import minilm_dir
+
+        return str(minilm_dir() / "vocab.txt")
+    return choice
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer stored at ``path``, chosen by file name.
 
