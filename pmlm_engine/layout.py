@@ -1,10 +1,10 @@
-"""The PMLM layout of one example and the two ways to batch examples (PMLM.md section 2).
+"""The PMLM layout of one example and the two ways to batch examples (docs/layout.md).
 
 This module owns the layout: the main part, then for each factorization step ``s``
 the ORIGINAL tokens of span ``s`` (``step = +s``) followed by one ``[P]`` per token
 (``step = -s``), each appended token at the position id of the token it stands for.
 Pre-training (:func:`build_example`) and sequence-to-sequence fine-tuning
-(:func:`build_seq2seq_example`, PMLM.md section 6) are the same layout.
+(:func:`build_seq2seq_example`, docs/finetuning.md) are the same layout.
 
 Per-token fields (all ``int64``):
 
@@ -120,7 +120,7 @@ def build_seq2seq_example(
     target_mask_prob: float = 0.0,
     seed: int = 0,
 ) -> Example:
-    """Sequence-to-sequence layout (PMLM.md section 6).
+    """Sequence-to-sequence layout (docs/finetuning.md).
 
     Main part ``[CLS] source [SEP]`` (segment 0); target ``t_1 .. t_T`` (``[SEP]``
     appended by the caller when it is the end-of-sequence token) becomes T one-token

@@ -1,4 +1,4 @@
-"""Optimizer and schedule of the paper (PMLM.md section 8): AdamW, warmup then linear decay."""
+"""Optimizer and schedule of the paper (docs/model.md): AdamW, warmup then linear decay."""
 
 from __future__ import annotations
 

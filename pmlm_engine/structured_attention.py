@@ -1,8 +1,7 @@
-"""Structured pseudo-mask attention in plain torch: the ``backend="torch"`` of
-:func:`pmlm_engine.attention.pseudo_mask_attention` (the CPU path).
+"""Structured pseudo-mask attention in plain torch: the ``torch`` attention backend (the CPU path).
 
-The dense backends build the ``(B, Lq, Lk)`` mask of PMLM.md section 3 and attend every query
-to every key. The layout (PMLM.md section 2) makes most of that mask predictable: inside one
+The dense backends build the ``(B, Lq, Lk)`` mask of docs/attention.md and attend every query
+to every key. The layout (docs/layout.md) makes most of that mask predictable: inside one
 document of ``n = m + a`` tokens, the ``m`` main tokens come first and see exactly the main
 tokens of their document; the ``a`` appended tokens follow and see *all* those main tokens plus
 part of the appended region. Only ``appended x appended`` needs the rule. Per document:
@@ -24,7 +23,9 @@ The bias is materialised only for the blocks computed, from bucket indices compu
 block; the ``main x main`` buckets are computed once for all rows when their main position ids
 agree. The rule itself is always :func:`~pmlm_engine.attention.dense_pseudo_mask` (one home).
 
-How a batch is handled (:func:`plan_batch`, decided per call from ``step`` and ``doc_ids``):
+How a batch is handled (:func:`plan_batch`, decided once per forward from ``step`` and ``doc_ids`` by
+:func:`prepare`, which also builds every block's mask, bias bucket indices and the output scatter
+index; each layer's :func:`attend` then only slices and calls kernels):
 
 * every document must be one contiguous run of its ``doc_id`` whose ``step == 0`` tokens are a
   prefix of the run. Rows may hold several documents (packing) and any padding (``doc_id < 0``)
@@ -111,7 +112,7 @@ class Group:
 
 @dataclass(frozen=True)
 class Plan:
-    """How :func:`structured_attention` will compute a batch.
+    """How :func:`attend` will compute a batch.
 
     ``kind`` is ``"fast"`` (one group at column 0 over all rows: q, k, v go in as they are),
     ``"blocks"`` (several groups, outputs put in place by index) or ``"dense"`` (the rule over

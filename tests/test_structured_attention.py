@@ -20,7 +20,6 @@ are tiny), so the tests exercise the structured path; each test asserts which pl
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Optional
 
 import numpy as np
@@ -204,7 +203,7 @@ def test_rows_without_doc_ids(main: int, rows: int, seed: int, use_bias: bool) -
 @given(source=st.integers(min_value=1, max_value=30), target=st.lists(st.integers(min_value=1, max_value=20),
        min_size=1, max_size=3), seed=seeds)
 def test_seq2seq_layout(source: int, target: list[int], seed: int) -> None:
-    """The fine-tuning layout (PMLM.md section 6: one-token steps, causal targets) with bias."""
+    """The fine-tuning layout (docs/finetuning.md: one-token steps, causal targets) with bias."""
     rng = np.random.RandomState(seed)
     examples = [build_seq2seq_example(rng.randint(5, 60, source).tolist(), rng.randint(5, 60, t).tolist(), SPECIAL)
                 for t in target]
