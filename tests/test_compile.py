@@ -46,10 +46,11 @@ def _layer_args(model: PMLMModel, batch):
     return seen["args"]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "reference", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "reference", "torch", "triton"])
 def test_encoder_layer_has_no_graph_breaks(backend):
     """torch._dynamo.explain over a layer of a real PMLM batch (appended tokens, padding, relative
-    bias): one graph, no break. ``triton`` runs its custom ops through their fake kernels."""
+    bias): one graph, no break. ``triton`` runs its custom ops through their fake kernels; ``torch``
+    (the structured CPU path) keeps its data-dependent plan in the per-forward layout."""
     torch._dynamo.reset()
     model = _model(backend)
     explained = torch._dynamo.explain(model.encoder["layer"][0])(*_layer_args(model, _batch()))
@@ -70,8 +71,8 @@ def test_compiled_step_equals_eager(autocast, rtol, atol):
     """Same weights, same batch: compiled (``ModelConfig.compile``) and eager AE/PAR losses and
     gradients agree within the dtype's tolerance; parameter names are unchanged by compiling."""
     torch._dynamo.reset()
-    eager = _model("sdpa")
-    compiled = _model("sdpa", compile=True)
+    eager = _model("torch")  # the structured CPU path: auto's choice on the CPU
+    compiled = _model("torch", compile=True)
     compiled.load_state_dict(copy.deepcopy(eager.state_dict()))
     assert list(compiled.state_dict()) == list(eager.state_dict())
     batch = _batch()
