@@ -68,7 +68,7 @@ COLUMNS: dict[str, list[str]] = {
                "prepass_mb_per_step_before", "prepass_mb_per_step_now"],
     "step": ["preset", "dtype", "attention", "ranks", "variant", "batch", "max_len", "passes", "step_median_ms",
              "step_p20_ms", "step_p80_ms", "tokens_per_s", "vs_mlm", "vs_hf_mlm", "naive_over_this",
-             "gflop_per_step", "gflop_per_s", "mfu", "peak_mem_mb"],
+             "gflop_per_step", "flops_vs_mlm", "gflop_per_s", "mfu", "peak_mem_mb"],
     "head": ["preset", "dtype", "batch", "max_len", "variant", "targets", "head_median_ms", "head_p20_ms",
              "head_p80_ms", "time_vs_unfused", "peak_mem_mb", "unfused_mem_over_this"],
     "decode": ["search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s", "e2e_tokens_per_s",
