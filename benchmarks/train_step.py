@@ -19,7 +19,7 @@ Throughput is main-sequence (text) tokens per second: the same text for all, so 
 tokens/s are the inverse ratios of step times. Timings are medians (p20/p80) over repeats after
 warm-up, interleaved round-robin so load drift on this shared machine hits all variants alike.
 Each row also reports the step's model FLOPs (:func:`step_flops`), the achieved FLOP/s and its
-fraction of this machine's GEMM rate for the dtype measured in the same run (``mfu``), and the
+fraction of this machine's GEMM rate for the dtype, timed round-robin with the steps (``mfu``), and the
 peak tensor memory of one step (``common.peak_memory``). Configurations: ``small`` and ``base``
 presets, fp32 and bf16 autocast, 1 rank and (full mode only) 2 DeepSpeed ranks launched with
 ``torchrun`` (same global batch, one thread each). Random text of ``max_len`` tokens with the
@@ -180,18 +180,15 @@ def step_flops(cfg: ModelConfig, batches: Sequence[dict[str, torch.Tensor]]) -> 
     return total
 
 
-_GEMM_PEAK: dict[str, float] = {}
+GEMM_SIZE = 2048
 
 
-def gemm_peak(dtype: str, size: int = 2048, repeats: int = 5) -> float:
-    """This machine's measured GEMM rate (FLOP/s) for ``dtype`` at the current thread count: the median of
-    ``repeats`` ``size``-cubed matmuls (``torch.mm``, what the model's linear layers run). Cached per process."""
-    if dtype not in _GEMM_PEAK:
-        dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-        a, b = torch.randn(size, size, dtype=dt), torch.randn(size, size, dtype=dt)
-        t = measure_interleaved({"mm": lambda: torch.mm(a, b)}, warmup=1, repeats=repeats)["mm"]
-        _GEMM_PEAK[dtype] = 2.0 * size ** 3 / t.median
-    return _GEMM_PEAK[dtype]
+def gemm_function(dtype: str, size: int = GEMM_SIZE) -> tuple[Callable[[], None], float]:
+    """A ``size``-cubed ``torch.mm`` in ``dtype`` (what the model's linear layers run) and its FLOPs: timed
+    round-robin with the steps, it gives this machine's GEMM rate under the same load as they ran."""
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dt), torch.randn(size, size, dtype=dt)
+    return (lambda: torch.mm(a, b)), 2.0 * size ** 3
 
 
 def step_functions(case: StepCase, seed: int = 0) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
@@ -247,12 +244,13 @@ def step_functions(case: StepCase, seed: int = 0) -> tuple[dict[str, Callable[[]
 
 
 def measure_case(case: StepCase, warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """Rows of one configuration (1 rank): its variants timed round-robin, then the peak memory of one more
-    step of each, and model FLOPs against this machine's GEMM rate for the dtype (measured in this run)."""
+    """Rows of one configuration (1 rank): its variants timed round-robin together with a GEMM of the dtype
+    (the rate ``mfu`` is measured against, under the same load), then the peak memory of one more step each."""
     fns, facts = step_functions(case)
-    timings = measure_interleaved(fns, warmup=warmup, repeats=repeats)
+    gemm, gemm_flops = gemm_function(case.dtype)
+    timings = measure_interleaved({**fns, "gemm": gemm}, warmup=warmup, repeats=repeats)
+    peak = gemm_flops / timings["gemm"].median
     memory = {name: peak_memory(fn) for name, fn in fns.items()}
-    peak = gemm_peak(case.dtype)
     rows = []
     for name in case.variants:
         t = timings[name]
