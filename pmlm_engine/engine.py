@@ -366,7 +366,7 @@ class PMLMTrainStep(nn.Module):
                 doc_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.model(input_ids, position_ids, segment_ids, step, doc_ids)  # (B, L, C)
         out = pmlm_loss(hidden, labels, step, self.model.lm_head, label_smoothing=self.label_smoothing)
-        return out.ae_sum.float(), out.par_sum.float()
+        return out.ae_sum, out.par_sum  # fp32, fp64 for an fp64 model
 
 
 def _inputs(batch: Mapping[str, Tensor], device: torch.device) -> tuple[Tensor, ...]:
