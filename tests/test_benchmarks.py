@@ -51,3 +51,24 @@ def test_run_py_smoke_writes_every_output(tmp_path):
     assert "## attention" in report and "## aot" in report and "| impl |" in report
     assert (tmp_path / "attention_fwd.png").stat().st_size > 0
     assert (tmp_path / "step.png").stat().st_size > 0
+
+
+def test_peak_memory_replays_allocations_and_frees():
+    """benchmarks/common.peak_memory on the CPU: 4 MiB live, +8 MiB (peak 12), free the 4, +2 MiB (10 live):
+    the peak is 12 MiB, neither the last live total nor the sum of all allocations."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import peak_memory
+
+    def work():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(2 << 20)  # 8 MiB
+        del a
+        c = torch.ones(1 << 19)  # 2 MiB
+        return b, c
+
+    mib = peak_memory(work) / 2**20
+    assert 12 <= mib < 12.1, mib
