@@ -84,3 +84,18 @@ def test_compiled_step_equals_eager(autocast, rtol, atol):
     assert got[2].keys() == want[2].keys()
     for name, g in want[2].items():
         torch.testing.assert_close(got[2][name], g, rtol=rtol, atol=atol * max(1.0, g.abs().max().item()), msg=name)
+
+
+def test_model_compile_config_field_reaches_the_model():
+    """``model.compile=true`` in a training config builds a model whose layers run compiled (wrappers outside
+    the module tree: same parameter names); cached decoding runs the eager layers."""
+    from pmlm_engine.model import KVCache
+    from pmlm_engine.train_config import load_config
+
+    cfg = load_config(None, ["model.compile=true"]).model.build(VOCAB)
+    assert cfg.compile is True
+    model = PMLMModel(cfg)
+    assert model._compiled is not None and len(model._compiled) == cfg.num_layers
+    assert model._layers(None) is model._compiled
+    assert model._layers(KVCache()) == list(model.encoder["layer"])
+    assert not any("_orig_mod" in name for name in model.state_dict())
