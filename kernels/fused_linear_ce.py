@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pmlm_engine.fused_ce import FusedLinearCrossEntropy, _forward
+from pmlm_engine.fused_ce import FusedLinearCrossEntropy, chunked_forward
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -120,7 +120,7 @@ class TritonFusedLinearCrossEntropy(FusedLinearCrossEntropy):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, groups, num_groups, label_smoothing, ignore_index,  # type: ignore[override]
                 compute_dtype):
-        return _forward(ctx, ce_chunk_triton, h, weight, bias, labels, groups, num_groups, label_smoothing,
+        return chunked_forward(ctx, ce_chunk_triton, h, weight, bias, labels, groups, num_groups, label_smoothing,
                         ignore_index, compute_dtype)
 
 

@@ -79,7 +79,7 @@ def chunk_rows(num_rows: int, vocab: int) -> int:
     return max(1, min(num_rows, 1 << (r.bit_length() - 1)))
 
 
-def _forward(
+def chunked_forward(
     ctx,
     chunk_ce: ChunkCE,
     h: Tensor,  # (N, C) compute dtype
@@ -147,7 +147,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, groups, num_groups, label_smoothing, ignore_index,  # type: ignore[override]
                 compute_dtype):
-        return _forward(ctx, ce_chunk_torch, h, weight, bias, labels, groups, num_groups, label_smoothing,
+        return chunked_forward(ctx, ce_chunk_torch, h, weight, bias, labels, groups, num_groups, label_smoothing,
                         ignore_index, compute_dtype)
 
     @staticmethod
@@ -162,10 +162,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def _triton_function() -> type[FusedLinearCrossEntropy]:
+    """The Triton subclass, imported on first use (``triton`` is optional on the CPU)."""
     try:
         from .kernels.fused_linear_ce import TritonFusedLinearCrossEntropy
-    except ImportError:  # running from a source tree without the installed package name
-        from kernels.fused_linear_ce import TritonFusedLinearCrossEntropy  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError(f"the Triton fused cross-entropy needs triton ({exc}): install it with "
+                          "`pip install triton==3.7.1`, or pass impl='torch'") from exc
     return TritonFusedLinearCrossEntropy
 
 
@@ -206,7 +208,8 @@ def linear_cross_entropy(
         raise ValueError(f"labels outside [0, {weight.shape[0]}) that are not ignore_index={ignore_index}")
     if groups is None:
         groups = torch.zeros_like(labels)
-    elif groups.shape != labels.shape or (groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= num_groups)):
+    elif groups.shape != labels.shape or (
+            groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= num_groups)):
         raise ValueError(f"groups must be ({h.shape[0]},) ids in [0, {num_groups})")
     if impl == "auto":
         impl = "triton" if h.is_cuda else "torch"
@@ -220,4 +223,5 @@ def linear_cross_entropy(
                         ignore_index, dtype)
 
 
-__all__ = ["IGNORE_INDEX", "FusedLinearCrossEntropy", "ce_chunk_torch", "chunk_rows", "linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "FusedLinearCrossEntropy", "ce_chunk_torch", "chunk_rows", "chunked_forward",
+           "linear_cross_entropy"]

@@ -21,7 +21,8 @@ from pmlm_engine.layout import collate_padded
 from pmlm_engine.model import PMLMModel
 from tests.helpers import SPECIAL, VOCAB, random_example
 
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position": 64, "hidden_dropout": 0.0}
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position": 64,
+        "hidden_dropout": 0.0}
 
 
 def _batch():
