@@ -409,7 +409,8 @@ def cases(quick: bool, smoke: bool = False) -> list[StepCase]:
 
 
 def run_step_suite(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
-    """Rows of the step table (see the module docstring). Quick: ``small`` fp32 and bf16, ``base`` bf16, 1 rank, 3 repeats.
+    """Rows of the step table (see the module docstring). Quick: ``small`` fp32 and bf16, ``base`` bf16, 1 rank,
+    3 repeats.
     Smoke: one tiny configuration, one repeat, no compilation (CI)."""
     warmup, repeats = (0, 1) if smoke else (1, 3) if quick else (2, 5)
     rows: list[dict[str, Any]] = []
