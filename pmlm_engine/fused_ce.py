@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+VOCAB_BLOCK = 4096
+"""Vocabulary rows per low-precision ``d W`` product (its temporary is ``VOCAB_BLOCK x C``, not ``V x C``)."""
 CHUNK_BYTES = 32 * 2**20
 """Budget of one chunk's fp32 logits; 256 rows at BERT's vocabulary (enough rows for full-speed GEMMs)."""
 
@@ -120,14 +122,21 @@ def chunked_forward(
                 d_b[g] += lf.sum(0)
             dl = lf.to(compute_dtype)  # (R, V) as autograd would pass it back to a compute-dtype matmul
             torch.mm(dl, w, out=d_h[s:e])
-            if s == start:  # the group's first chunk writes its accumulator
-                d_w[g].copy_(dl.t() @ hc) if acc != compute_dtype else torch.mm(dl.t(), hc, out=d_w[g])
-            elif acc == compute_dtype:
-                d_w[g].addmm_(dl.t(), hc)
-            else:  # low-precision GEMM, fp32 accumulation across chunks
-                d_w[g] += dl.t() @ hc
+            if acc == compute_dtype:
+                if s == start:  # the group's first chunk writes its accumulator
+                    torch.mm(dl.t(), hc, out=d_w[g])
+                else:
+                    d_w[g].addmm_(dl.t(), hc)
+            else:  # low-precision GEMM into the fp32 accumulator, in vocabulary blocks: a small temporary
+                for v0 in range(0, vocab, VOCAB_BLOCK):
+                    part = dl[:, v0:v0 + VOCAB_BLOCK].t() @ hc  # (block, C) compute dtype
+                    if s == start:
+                        d_w[g, v0:v0 + VOCAB_BLOCK].copy_(part)
+                    else:
+                        d_w[g, v0:v0 + VOCAB_BLOCK] += part
         start += count
     ctx.save_for_backward(d_h, d_w, d_b, order, groups)
+    ctx.consumed = False
     ctx.has_bias = bias is not None
     ctx.weight_dtype = weight.dtype
     sums = torch.zeros(num_groups, dtype=acc, device=h.device).index_add_(0, groups.index_select(0, order), loss)
@@ -152,13 +161,25 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_sums: Tensor, _d_token: Tensor | None):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError("the fused linear cross-entropy's backward combines its stored gradients in "
+                               "place, so it runs once per forward: recompute the loss instead of retain_graph=True")
+        ctx.consumed = True
         d_h, d_w, d_b, order, groups = ctx.saved_tensors
         scale = d_sums.to(d_w.dtype)  # (G,)
         row_scale = scale.index_select(0, groups.index_select(0, order)).to(d_h.dtype)  # (N,)
         grad_h = torch.empty_like(d_h).index_copy_(0, order, d_h * row_scale.unsqueeze(1))
-        grad_w = torch.einsum("g,gvc->vc", scale, d_w).to(ctx.weight_dtype)
-        grad_b = torch.einsum("g,gv->v", scale, d_b).to(ctx.weight_dtype) if ctx.has_bias else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return (grad_h, _combine(d_w, scale).to(ctx.weight_dtype),
+                _combine(d_b, scale).to(ctx.weight_dtype) if ctx.has_bias else None,
+                None, None, None, None, None, None)
+
+
+def _combine(per_group: Tensor, scale: Tensor) -> Tensor:
+    """``sum_g scale[g] * per_group[g]``, written over ``per_group[0]`` (no second ``(V, C)`` buffer)."""
+    out = per_group[0].mul_(scale[0])
+    for g in range(1, per_group.shape[0]):
+        out.add_(per_group[g], alpha=float(scale[g]))
+    return out
 
 
 def _triton_function() -> type[FusedLinearCrossEntropy]:

@@ -71,8 +71,9 @@ def _check(impl, dtype, autocast, eps, floor):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """16-row chunks (45 rows in 2 groups: 4+ chunks, partial ones) and, for Triton, 32-wide vocab blocks."""
+    """16-row chunks (45 rows in 2 groups: 4+ chunks, partial ones), 40-row blocks of the bf16 d W product."""
     monkeypatch.setattr(fused_ce, "CHUNK_BYTES", 16 * 4 * 103)
+    monkeypatch.setattr(fused_ce, "VOCAB_BLOCK", 40)  # the bf16 d W product in 3 vocabulary blocks
     assert fused_ce.chunk_rows(45, 103) == 16
 
 
@@ -154,3 +155,14 @@ def test_pmlm_loss_fused_needs_the_model_head():
     labels = torch.tensor([[5, -100]])
     with pytest.raises(ValueError, match="LMHead"):
         pmlm_loss(torch.randn(1, 2, 4), labels, torch.zeros(1, 2, dtype=torch.long), torch.nn.Linear(4, 9), fused=True)
+
+
+def test_second_backward_is_refused():
+    """The backward combines the stored group gradients in place: a second one must fail loudly, not
+    silently return rescaled gradients."""
+    h, w, b, labels, groups = _case(n=20, c=4, v=10)
+    h.requires_grad_()
+    sums, _ = linear_cross_entropy(h, w, b, labels.clamp(max=9), groups, 2)
+    sums.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        sums.sum().backward()
