@@ -104,14 +104,17 @@ def chunked_forward(
     counts = torch.bincount(groups, minlength=num_groups).tolist()
     hs, ys = h.index_select(0, order), labels.index_select(0, order)
     d_h = torch.empty_like(hs)  # (N, C) gradient rows for a unit loss gradient
-    d_w = torch.empty(num_groups, vocab, c, dtype=acc, device=h.device)  # (G, V, C): set by a group's first chunk
-    d_b = torch.zeros(num_groups, vocab, dtype=acc, device=h.device) if bias is not None else None
+    present = [g for g, count in enumerate(counts) if count]  # groups with rows: only they get accumulators
+    slot = {g: i for i, g in enumerate(present)}
+    # (G', V, C), G' = groups with rows (one in fine-tuning, where AE has none): set by a group's first chunk
+    d_w = torch.zeros(1, vocab, c, dtype=acc, device=h.device) if not present else \
+        torch.empty(len(present), vocab, c, dtype=acc, device=h.device)
+    d_b = torch.zeros(max(len(present), 1), vocab, dtype=acc, device=h.device) if bias is not None else None
     loss = torch.empty(n, dtype=acc, device=h.device)
     step = chunk_rows(max(n, 1), vocab)
     start = 0
     for g, count in enumerate(counts):
-        if count == 0:
-            d_w[g].zero_()
+        k = slot.get(g, 0)
         for s in range(start, start + count, step):
             e = min(s + step, start + count)
             hc = hs[s:e]  # (R, C)
@@ -119,23 +122,24 @@ def chunked_forward(
             lf = logits.to(acc)  # no copy when the compute dtype is already fp32/fp64
             loss[s:e] = chunk_ce(lf, ys[s:e], label_smoothing, ignore_index)  # lf: now d loss / d logits
             if d_b is not None:
-                d_b[g] += lf.sum(0)
+                d_b[k] += lf.sum(0)
             dl = lf.to(compute_dtype)  # (R, V) as autograd would pass it back to a compute-dtype matmul
             torch.mm(dl, w, out=d_h[s:e])
             if acc == compute_dtype:
                 if s == start:  # the group's first chunk writes its accumulator
-                    torch.mm(dl.t(), hc, out=d_w[g])
+                    torch.mm(dl.t(), hc, out=d_w[k])
                 else:
-                    d_w[g].addmm_(dl.t(), hc)
+                    d_w[k].addmm_(dl.t(), hc)
             else:  # low-precision GEMM into the fp32 accumulator, in vocabulary blocks: a small temporary
                 for v0 in range(0, vocab, VOCAB_BLOCK):
                     part = dl[:, v0:v0 + VOCAB_BLOCK].t() @ hc  # (block, C) compute dtype
                     if s == start:
-                        d_w[g, v0:v0 + VOCAB_BLOCK].copy_(part)
+                        d_w[k, v0:v0 + VOCAB_BLOCK].copy_(part)
                     else:
-                        d_w[g, v0:v0 + VOCAB_BLOCK] += part
+                        d_w[k, v0:v0 + VOCAB_BLOCK] += part
         start += count
-    ctx.save_for_backward(d_h, d_w, d_b, order, groups)
+    ctx.save_for_backward(d_h, d_w, d_b, order, groups,
+                          torch.tensor(present or [0], dtype=torch.long, device=h.device))
     ctx.consumed = False
     ctx.has_bias = bias is not None
     ctx.weight_dtype = weight.dtype
@@ -165,12 +169,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the fused linear cross-entropy's backward combines its stored gradients in "
                                "place, so it runs once per forward: recompute the loss instead of retain_graph=True")
         ctx.consumed = True
-        d_h, d_w, d_b, order, groups = ctx.saved_tensors
+        d_h, d_w, d_b, order, groups, present = ctx.saved_tensors
         scale = d_sums.to(d_w.dtype)  # (G,)
         row_scale = scale.index_select(0, groups.index_select(0, order)).to(d_h.dtype)  # (N,)
         grad_h = torch.empty_like(d_h).index_copy_(0, order, d_h * row_scale.unsqueeze(1))
-        return (grad_h, _combine(d_w, scale).to(ctx.weight_dtype),
-                _combine(d_b, scale).to(ctx.weight_dtype) if ctx.has_bias else None,
+        slot_scale = scale.index_select(0, present)  # (G',) the accumulators' groups
+        return (grad_h, _combine(d_w, slot_scale).to(ctx.weight_dtype),
+                _combine(d_b, slot_scale).to(ctx.weight_dtype) if ctx.has_bias else None,
                 None, None, None, None, None, None)
 
 

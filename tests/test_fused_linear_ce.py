@@ -166,3 +166,14 @@ def test_second_backward_is_refused():
     sums.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once per forward"):
         sums.sum().backward()
+
+
+def test_a_group_without_rows_gets_no_accumulator_and_zero_loss(small_chunks):
+    """Fine-tuning has PAR rows only: group 0 is empty. Its sum is 0 and the gradients equal float64's."""
+    h, w, b, labels, _ = _case()
+    groups = torch.ones_like(labels)
+    ref = _unfused(h, w, b, labels, groups, 0.1, torch.float64, False)
+    got = _fused(h, w, b, labels, groups, 0.1, torch.float64, False, "torch")
+    assert got[0][0] == 0
+    for r, g in zip([ref[0], ref[1], *ref[2]], [got[0], got[1], *got[2]]):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
