@@ -43,9 +43,10 @@ class LossOutput:
 
 FUSED_MIN_ROWS = 512
 """Targets from which ``pmlm_loss`` fuses the head by default. Measured on the CPU (1 thread, V = 30522,
-AE + PAR groups): fused 1.8x / 1.3x / 1.0x the unfused time at 64 / 150 / 300 rows (its fixed cost is two
-``(V, C)`` fp32 gradient accumulators), 0.9x at 600 and faster with 3.6-4.4x less head memory at 2,500
-rows (``small``, 16 x 512). Below ~500 rows the ``(N, V)`` logits are at most ~60 MB anyway."""
+C = 384, AE + PAR groups): fused 1.8x / 1.3x / 1.0x the unfused time at 64 / 150 / 300 rows (its fixed
+cost is one ``(V, C)`` fp32 gradient accumulator per group), 0.9x at 600; at 16 x 512 (2,510 rows)
+0.8x (fp32) / 0.45-0.7x (bf16) the time with 5.2x / 3.6-4.2x less head memory (``small``) and 3.2x /
+2.7x (``base``). Below ~500 rows the ``(N, V)`` logits are at most ~60 MB anyway."""
 
 
 def gather_targets(labels: Tensor) -> Tensor:
