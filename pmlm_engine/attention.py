@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 OPTIONAL_BACKENDS: dict[str, tuple[str, str, str]] = {
     "triton": ("triton", "pmlm_engine.kernels.pseudo_mask_attention",
                "install it with `pip install triton==3.7.1` (the version torch 2.13 pairs with)"),
+    # Needs only torch; its kernels come from pmlm_engine._cuda_emu / _cuda_attention or a JIT build,
+    # and CudaBackend.unavailable() says which is missing.
+    "cuda": ("torch", "pmlm_engine.cuda_attention", "reinstall torch"),
 }
 """Backends that need a package torch does not bring: ``name: (package, module, fix)``."""
 

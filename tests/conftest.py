@@ -3,6 +3,8 @@
 Triton's interpreter must be selected before ``triton`` is first imported (it cannot be switched
 on afterwards): on a CPU-only machine every Triton kernel in the suite runs interpreted.
 Ahead-of-time compile tests run in their own process without this variable.
+Likewise ``PMLM_CUDA_EMULATE=1`` runs the ``cuda`` attention backend's kernels through the CUDA
+emulator on the CPU (``pmlm_engine.cuda_attention``); it is read at dispatch time.
 
 Hypothesis is derandomized in every suite (the ``ci`` profile): a run draws the same examples
 each time, so a failure reproduces and CI cannot pass or fail by luck. ``HYPOTHESIS_PROFILE=explore``
@@ -16,6 +18,7 @@ import pytest
 
 if "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("PMLM_CUDA_EMULATE", "1")
 
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
