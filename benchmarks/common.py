@@ -20,6 +20,10 @@ class Timing:
     p20: float
     p80: float
     repeats: int
+    cpu_median: float = 0.0
+    """Median CPU seconds of this process per run (``time.process_time``): on a shared, oversubscribed
+    machine it leaves out the time spent waiting for a core, which wall time counts; with one torch
+    thread it is the run's time on an idle core (up to cache and memory-bandwidth contention)."""
 
     def ms(self) -> dict[str, float]:
         return {"median_ms": self.median * 1e3, "p20_ms": self.p20 * 1e3, "p80_ms": self.p80 * 1e3}
@@ -40,12 +44,15 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 2, repe
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: Timing(statistics.median(v), quantile(v, 0.2), quantile(v, 0.8), repeats) for k, v in times.items()}
+            cpu[name].append(time.process_time() - c0)
+    return {k: Timing(statistics.median(v), quantile(v, 0.2), quantile(v, 0.8), repeats, statistics.median(cpu[k]))
+            for k, v in times.items()}
 
 
 def peak_memory(fn: Callable[[], Any]) -> int:

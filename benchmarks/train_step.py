@@ -18,6 +18,8 @@ Ways to train on the same examples (forward + backward + AdamW step each, same m
 Throughput is main-sequence (text) tokens per second: the same text for all, so the ratios of
 tokens/s are the inverse ratios of step times. Timings are medians (p20/p80) over repeats after
 warm-up, interleaved round-robin so load drift on this shared machine hits all variants alike.
+With one torch thread the ratios, throughput and ``mfu`` use the process's CPU time per step
+(``step_cpu_ms``; ``timed_by``): wall time on an oversubscribed machine counts waiting for a core.
 Each row also reports the step's model FLOPs (:func:`step_flops`), the achieved FLOP/s and its
 fraction of this machine's GEMM rate for the dtype, timed round-robin with the steps (``mfu``), and the
 peak tensor memory of one step (``common.peak_memory``). Configurations: ``small`` and ``base``
@@ -249,24 +251,29 @@ def measure_case(case: StepCase, warmup: int, repeats: int) -> list[dict[str, An
     fns, facts = step_functions(case)
     gemm, gemm_flops = gemm_function(case.dtype)
     timings = measure_interleaved({**fns, "gemm": gemm}, warmup=warmup, repeats=repeats)
-    peak = gemm_flops / timings["gemm"].median
+    # One torch thread: CPU time is the step's time on an idle core, robust to the machine's other load;
+    # with more threads it sums them, so wall time is the measure.
+    on_cpu = torch.get_num_threads() == 1
+    secs = {k: (t.cpu_median if on_cpu else t.median) for k, t in timings.items()}
+    peak = gemm_flops / secs["gemm"]
     memory = {name: peak_memory(fn) for name, fn in fns.items()}
     rows = []
     for name in case.variants:
-        t = timings[name]
-        same_mode_mlm = timings.get("mlm+compile" if name.endswith("+compile") else "mlm")
+        t, sec = timings[name], secs[name]
+        same_mode_mlm = secs.get("mlm+compile" if name.endswith("+compile") else "mlm")
         flops = facts["flops"][name]
         rows.append({"preset": case.preset, "dtype": case.dtype, "attention": case.attention, "ranks": 1,
                      "variant": name, "batch": case.batch, "max_len": case.max_len,
                      "passes": facts["naive_passes"] if name == "naive" else 1,
                      "step_median_ms": t.median * 1e3, "step_p20_ms": t.p20 * 1e3, "step_p80_ms": t.p80 * 1e3,
-                     "tokens_per_s": facts["main_tokens"] / t.median, "examples_per_s": case.batch / t.median,
-                     "vs_mlm": t.median / same_mode_mlm.median if same_mode_mlm else None,
-                     "vs_hf_mlm": t.median / timings["hf_mlm"].median if "hf_mlm" in timings else None,
-                     "naive_over_this": timings["naive"].median / t.median if "naive" in timings else None,
+                     "step_cpu_ms": t.cpu_median * 1e3, "timed_by": "cpu" if on_cpu else "wall",
+                     "tokens_per_s": facts["main_tokens"] / sec, "examples_per_s": case.batch / sec,
+                     "vs_mlm": sec / same_mode_mlm if same_mode_mlm else None,
+                     "vs_hf_mlm": sec / secs["hf_mlm"] if "hf_mlm" in secs else None,
+                     "naive_over_this": secs["naive"] / sec if "naive" in secs else None,
                      "gflop_per_step": flops / 1e9, "flops_vs_mlm": flops / facts["flops"]["mlm"]
-                     if "mlm" in facts["flops"] else None, "gflop_per_s": flops / t.median / 1e9,
-                     "gemm_peak_gflop_per_s": peak / 1e9, "mfu": flops / t.median / peak,
+                     if "mlm" in facts["flops"] else None, "gflop_per_s": flops / sec / 1e9,
+                     "gemm_peak_gflop_per_s": peak / 1e9, "mfu": flops / sec / peak,
                      "peak_mem_mb": memory[name] / 2**20})
     return rows
 
@@ -303,6 +310,7 @@ def run_head_suite(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
     shapes = [("tiny", 2, 64)] if smoke else [("small", 16, 512)] if quick else [("small", 16, 512), ("base", 16, 512)]
     warmup, repeats = (0, 1) if smoke else (1, 3) if quick else (1, 5)
     rows = []
+    one_thread = torch.get_num_threads() == 1  # time_vs_unfused from CPU time then (see measure_case)
     for preset, batch, max_len in shapes:
         for dtype in ("bf16",) if smoke else ("fp32", "bf16"):
             fns, facts = head_functions(preset, dtype, batch, max_len)
@@ -311,8 +319,10 @@ def run_head_suite(quick: bool, smoke: bool = False) -> list[dict[str, Any]]:
             for name in fns:
                 rows.append({"preset": preset, "dtype": dtype, "batch": batch, "max_len": max_len, "variant": name,
                              **facts, "head_median_ms": t[name].median * 1e3, "head_p20_ms": t[name].p20 * 1e3,
-                             "head_p80_ms": t[name].p80 * 1e3, "peak_mem_mb": mem[name] / 2**20,
-                             "time_vs_unfused": t[name].median / t["unfused"].median,
+                             "head_p80_ms": t[name].p80 * 1e3, "head_cpu_ms": t[name].cpu_median * 1e3,
+                             "peak_mem_mb": mem[name] / 2**20,
+                             "time_vs_unfused": t[name].cpu_median / t["unfused"].cpu_median if one_thread
+                             else t[name].median / t["unfused"].median,
                              "unfused_mem_over_this": mem["unfused"] / max(mem[name], 1)})
     return rows
 
@@ -448,10 +458,10 @@ def target_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 COLUMNS = ["preset", "dtype", "attention", "ranks", "variant", "batch", "max_len", "passes", "step_median_ms",
-           "step_p20_ms", "step_p80_ms", "tokens_per_s", "vs_mlm", "vs_hf_mlm", "naive_over_this", "gflop_per_step",
-           "flops_vs_mlm", "gflop_per_s", "mfu", "peak_mem_mb"]
+           "step_p20_ms", "step_p80_ms", "step_cpu_ms", "timed_by", "tokens_per_s", "vs_mlm", "vs_hf_mlm",
+           "naive_over_this", "gflop_per_step",           "flops_vs_mlm", "gflop_per_s", "mfu", "peak_mem_mb"]
 HEAD_COLUMNS = ["preset", "dtype", "batch", "max_len", "variant", "targets", "head_median_ms", "head_p20_ms",
-                "head_p80_ms", "time_vs_unfused", "peak_mem_mb", "unfused_mem_over_this"]
+                "head_p80_ms", "head_cpu_ms", "time_vs_unfused", "peak_mem_mb", "unfused_mem_over_this"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
