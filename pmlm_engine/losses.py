@@ -10,7 +10,7 @@ vocabulary: the ``(N, V)`` logits never exist for the other tokens. With the fus
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,53 @@ class LossOutput:
     """``(N, 2)`` (row, column) of each target."""
 
 
+@dataclass(frozen=True)
+class LabelSmoothing:
+    """Which label smoothing :func:`pmlm_loss` applies (a plain float means torch's).
+
+    * ``kind="torch"``: ``F.cross_entropy(label_smoothing=eps)``: the target distribution puts
+      ``1 - eps + eps / V`` on the label and ``eps / V`` on every id.
+    * ``kind="s2s-ft"``: :func:`s2sft_smoothed_loss`, s2s-ft's KL divergence.
+    """
+
+    eps: float
+    kind: str = "torch"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("torch", "s2s-ft"):
+            raise ValueError(f"label smoothing kind {self.kind!r}: expected 'torch' or 's2s-ft'")
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"label smoothing eps={self.eps}: expected a value in [0, 1)")
+
+
+S2SFT_LOSS_DENOMINATOR_EPS = 1e-5
+"""s2s-ft divides a batch's summed target loss by ``target tokens + 1e-5``."""
+
+
+def s2sft_smoothed_loss(logits: Tensor, labels: Tensor, eps: float, pad_id: int = 0) -> Tensor:
+    """Per-row ``KL(q || softmax(logits))`` with s2s-ft's smoothed target ``q`` (``(N,)``, fp32 or wider).
+
+    ``q`` puts ``1 - eps`` on the label, ``eps / (V - 2)`` on every other id except ``pad_id``,
+    and 0 on ``pad_id``; rows whose label is ``pad_id`` contribute 0. Computed in closed form,
+    without the ``(N, V)`` target matrix::
+
+        KL = sum_v q_v log q_v - sum_v q_v log p_v
+           = (V - 2) s log s + (1 - eps) log(1 - eps)
+             - s (sum_v log p_v - log p_pad - log p_y) - (1 - eps) log p_y,     s = eps / (V - 2)
+
+    Unlike torch's smoothing, the value includes the constant ``sum q log q`` (the loss s2s-ft
+    reports), and the gradient has no component towards ``pad_id``.
+    """
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, V)
+    v = logp.shape[-1]
+    s = eps / (v - 2)
+    conf = torch.tensor(1.0 - eps, dtype=logp.dtype)
+    entropy_term = (v - 2) * torch.special.xlogy(torch.tensor(s, dtype=logp.dtype), s) + torch.special.xlogy(conf, conf)
+    lp_y = logp.gather(1, labels.unsqueeze(1)).squeeze(1)  # (N,)
+    cross = s * (logp.sum(-1) - logp[:, pad_id] - lp_y) + (1.0 - eps) * lp_y
+    return torch.where(labels == pad_id, torch.zeros_like(lp_y), entropy_term - cross)
+
+
 FUSED_MIN_ROWS = 512
 """Targets from which ``pmlm_loss`` fuses the head by default. Measured on the CPU (1 thread, V = 30522,
 C = 384, AE + PAR groups): fused 1.8x / 1.3x / 1.0x the unfused time at 64 / 150 / 300 rows (its fixed
@@ -61,7 +108,7 @@ def pmlm_loss(
     head: nn.Module,
     ae_weight: float = 1.0,
     par_weight: float = 1.0,
-    label_smoothing: float = 0.0,
+    label_smoothing: Union[float, LabelSmoothing] = 0.0,
     fused: Optional[bool] = None,
 ) -> LossOutput:
     """Cross-entropy of the labelled tokens, split into AE (main) and PAR (pseudo) terms.
@@ -71,34 +118,40 @@ def pmlm_loss(
         labels: ``(B, L)`` target ids, ``IGNORE`` elsewhere.
         step: ``(B, L)`` the layout's steps (0 main, < 0 pseudo).
         head: maps ``(N, C)`` to ``(N, V)`` logits (the tied LM head).
-        label_smoothing: torch's formulation, in ``[0, 1)``.
+        label_smoothing: a float (torch's smoothing) or a :class:`LabelSmoothing`.
         fused: project and score the targets in row chunks without materialising their
             ``(N, V)`` logits (:func:`pmlm_engine.fused_ce.linear_cross_entropy`); needs the
-            model's :class:`pmlm_engine.model.LMHead`. None: fused when the head is one and
-            there are at least ``FUSED_MIN_ROWS`` targets (see there).
+            model's :class:`pmlm_engine.model.LMHead` and torch's smoothing (s2s-ft's runs
+            unfused). None: fused when both hold and there are at least ``FUSED_MIN_ROWS``
+            targets (see there).
     """
     index = gather_targets(labels)  # (N, 2)
     rows, cols = index[:, 0], index[:, 1]
+    smoothing = label_smoothing if isinstance(label_smoothing, LabelSmoothing) else LabelSmoothing(label_smoothing)
     kind = step[rows, cols]
     if bool((kind > 0).any()):
         raise ValueError("labels found on ORIGINAL tokens (step > 0): the layout puts targets on main "
                          "(AE) and pseudo (PAR) tokens only")
     is_ae, is_par = kind == 0, kind < 0
     ae_n, par_n = int(is_ae.sum()), int(is_par.sum())
-    fusable = isinstance(head, LMHead)
+    s2sft = smoothing.kind == "s2s-ft" and smoothing.eps > 0
+    fusable = isinstance(head, LMHead) and not s2sft
     if fused and not fusable:
-        raise ValueError(f"pmlm_loss(fused=True) needs the model's LMHead (pmlm_engine.model.LMHead); got "
-                         f"{type(head).__name__}: pass fused=False")
+        raise ValueError(f"pmlm_loss(fused=True) needs the model's LMHead (pmlm_engine.model.LMHead) and torch's "
+                         f"label smoothing; got {type(head).__name__}, smoothing {smoothing.kind!r}: pass fused=False")
     if fused is None:
         fused = fusable and ae_n + par_n >= FUSED_MIN_ROWS
     if fused:
         sums, token_loss = head(hidden[rows, cols], labels[rows, cols], groups=is_par.long(), num_groups=2,
-                                label_smoothing=label_smoothing)
+                                label_smoothing=smoothing.eps)
         ae_sum, par_sum = sums[0], sums[1]
     else:
         logits = head(hidden[rows, cols])  # (N, V): only the targets are projected
-        token_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[rows, cols],
-                                     reduction="none", label_smoothing=label_smoothing)
+        if s2sft:
+            token_loss = s2sft_smoothed_loss(logits, labels[rows, cols], smoothing.eps)
+        else:
+            token_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                         labels[rows, cols], reduction="none", label_smoothing=smoothing.eps)
         ae_sum, par_sum = token_loss[is_ae].sum(), token_loss[is_par].sum()
     zero = ae_sum.new_zeros(())
     ae = ae_sum / ae_n if ae_n else zero
