@@ -50,7 +50,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import run_cli
 from .outputs import atomic_file, check_output_file, json_safe

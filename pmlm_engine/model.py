@@ -12,7 +12,6 @@ resolved, the backend's shared work done once) and every layer attends with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
