@@ -91,9 +91,9 @@ def s2sft_smoothed_loss(logits: Tensor, labels: Tensor, eps: float, pad_id: int 
 FUSED_MIN_ROWS = 512
 """Targets from which ``pmlm_loss`` fuses the head by default. Measured on the CPU (1 thread, V = 30522,
 C = 384, AE + PAR groups): fused 1.8x / 1.3x / 1.0x the unfused time at 64 / 150 / 300 rows (its fixed
-cost is one ``(V, C)`` fp32 gradient accumulator per group), 0.9x at 600; at 16 x 512 (2,510 rows)
-0.8x (fp32) / 0.45-0.7x (bf16) the time with 5.2x / 3.6-4.2x less head memory (``small``) and 3.2x /
-2.7x (``base``). Below ~500 rows the ``(N, V)`` logits are at most ~60 MB anyway."""
+cost is one ``(V, C)`` fp32 gradient accumulator per group), 0.9x at 600. At 16 x 512 (2,510 rows,
+CPU time): ``small`` 0.84x / 0.56x the time (fp32 / bf16) with 7.0x / 5.5x less head memory,
+``base`` 0.94x / 0.74x with 3.8x / 3.1x less. Below ~500 rows the ``(N, V)`` logits are small anyway."""
 
 
 def gather_targets(labels: Tensor) -> Tensor:
