@@ -14,13 +14,15 @@ import sys
 
 _SCRIPT = (
     "import json, sys\n"
-    "from pmlm_engine.kernels.aot_report import compile_rows\n"
-    "print(json.dumps(compile_rows(**json.loads(sys.argv[1]))))\n"
+    "from pmlm_engine.kernels.aot_report import compile_fused_ce_rows, compile_rows\n"
+    "args = json.loads(sys.argv[1])\n"
+    "print(json.dumps(compile_rows(**args) + compile_fused_ce_rows(args['targets'])))\n"
 )
 
 
 def run_aot_suite(quick: bool, smoke: bool = False) -> list[dict]:
-    """One row per (kernel, target, dtype, head dim). ``quick``: D=64 fp16 only; ``smoke``: and the forward only."""
+    """One row per (kernel, target, dtype, head dim), then the fused cross-entropy kernel's rows.
+    ``quick``: D=64 fp16 only; ``smoke``: and the attention forward only."""
     args = dict(targets=[80, 90], dtypes=["fp16"] if quick or smoke else ["fp16", "bf16"],
                 head_dims=[64] if quick or smoke else [64, 128], kernels=["fwd"] if smoke else None)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

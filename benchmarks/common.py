@@ -20,6 +20,10 @@ class Timing:
     p20: float
     p80: float
     repeats: int
+    cpu_median: float = 0.0
+    """Median CPU seconds of this process per run (``time.process_time``): on a shared, oversubscribed
+    machine it leaves out the time spent waiting for a core, which wall time counts; with one torch
+    thread it is the run's time on an idle core (up to cache and memory-bandwidth contention)."""
 
     def ms(self) -> dict[str, float]:
         return {"median_ms": self.median * 1e3, "p20_ms": self.p20 * 1e3, "p80_ms": self.p80 * 1e3}
@@ -40,12 +44,48 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 2, repe
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: Timing(statistics.median(v), quantile(v, 0.2), quantile(v, 0.8), repeats) for k, v in times.items()}
+            cpu[name].append(time.process_time() - c0)
+    return {k: Timing(statistics.median(v), quantile(v, 0.2), quantile(v, 0.8), repeats, statistics.median(cpu[k]))
+            for k, v in times.items()}
+
+
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes of tensor memory allocated while ``fn()`` runs, above what was live when it started.
+
+    On a GPU: ``torch.cuda.max_memory_allocated``. On the CPU there is no allocator statistic, so
+    this replays the allocation and free events of torch's CPU allocator recorded by
+    ``torch.profiler`` (``profile_memory=True``) and takes the maximum of their running sum.
+    That counts exactly the tensors (the quantity that decides whether a batch fits, and the
+    same one the CUDA figure counts), not the process's resident set: ``ru_maxrss`` only ever
+    grows, includes the interpreter and libraries (several hundred MB shared by every variant)
+    and pages malloc keeps after a free, so it would need a fresh process per variant and
+    would still blur the ratios. The profiler slows ``fn``: call this outside timed runs.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()  # > 0 allocation, < 0 free
+        peak = max(peak, live)
+    return peak
 
 
 def _cpu_model() -> str:
@@ -103,4 +143,4 @@ def markdown_table(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines)
 
 
-__all__ = ["Timing", "quantile", "measure_interleaved", "environment", "markdown_table"]
+__all__ = ["Timing", "quantile", "measure_interleaved", "peak_memory", "environment", "markdown_table"]

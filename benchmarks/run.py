@@ -12,7 +12,10 @@ Suites (each a ``run_*_suite(quick) -> list[dict]`` in this folder, or in ``kern
   earlier summary classifier, the exact one it uses, and FlexAttention's ``create_block_mask``;
 * ``layout``: what building the attention layout once per forward saves per layer (measured on
   the CPU paths; an op / byte model of the Triton pre-pass);
-* ``step``: one-pass PMLM training step vs an MLM-only step vs naive multi-pass PAR;
+* ``step``: one-pass PMLM training step vs an MLM-only step (ours and transformers'
+  ``BertForMaskedLM``) vs naive multi-pass PAR, eager and compiled, with model FLOPs, MFU
+  against the GEMM rate measured in the same run, and peak memory;
+* ``head``: the LM head + loss alone, unfused vs fused projection + cross-entropy (time, peak memory);
 * ``decode``: KV-cached decoding vs s2s-ft-style re-projection, greedy and beam 5;
 * ``data``: C++ vs Python layout builder, examples/s, against what the trainer consumes;
 * ``aot``: registers, spills and shared memory of the Triton kernels for sm_80 / sm_90
@@ -46,6 +49,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "tiles": ("attention_cpu", "run_tile_suite"),
     "layout": ("layout_cost", "run_layout_suite"),
     "step": ("train_step", "run_step_suite"),
+    "head": ("train_step", "run_head_suite"),
     "decode": ("decode", "run_decode_suite"),
     "data": ("data_layout", "run_data_suite"),
     "aot": ("aot", "run_aot_suite"),
@@ -63,7 +67,10 @@ COLUMNS: dict[str, list[str]] = {
                "saved_share_of_layer", "prepass_ops_per_step_before", "prepass_ops_per_step_now",
                "prepass_mb_per_step_before", "prepass_mb_per_step_now"],
     "step": ["preset", "dtype", "attention", "ranks", "variant", "batch", "max_len", "passes", "step_median_ms",
-             "step_p20_ms", "step_p80_ms", "tokens_per_s", "vs_mlm", "naive_over_this"],
+             "step_p20_ms", "step_p80_ms", "step_cpu_ms", "timed_by", "tokens_per_s", "vs_mlm", "vs_hf_mlm",
+             "naive_over_this", "gflop_per_step", "flops_vs_mlm", "gflop_per_s", "mfu", "peak_mem_mb"],
+    "head": ["preset", "dtype", "batch", "max_len", "variant", "targets", "head_median_ms", "head_p20_ms",
+             "head_p80_ms", "head_cpu_ms", "time_vs_unfused", "peak_mem_mb", "unfused_mem_over_this"],
     "decode": ["size", "search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s", "e2e_tokens_per_s",
                "decode_speedup", "e2e_speedup", "same_tokens"],
     "data": ["builder", "main_len", "median_examples_per_s", "p20_examples_per_s", "p80_examples_per_s",
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             section = [f"## {name} ({time.perf_counter() - t0:.0f} s)", "", markdown_table(rows, _columns(name, rows)), ""]
             if name == "step":
                 trainer_rate = max((r.get("examples_per_s") or 0 for r in rows), default=None)
+                section += [*importlib.import_module("train_step").target_lines(rows), ""]
             if name == "data" and trainer_rate:
                 best = max(r.get("median_examples_per_s", 0) for r in rows)
                 section.append(f"Fastest builder: {best:,.0f} examples/s; the fastest trainer configuration above "

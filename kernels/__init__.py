@@ -6,6 +6,8 @@ Nothing here touches CUDA at import: availability is checked when the backend is
 
 * :mod:`.pseudo_mask_attention`: the fused kernels, the custom ops and the backend.
 * :mod:`.tile_stats`: tile classification and the FLOP model (``tile_stats.tile_stats``).
+* :mod:`.fused_linear_ce`: the chunk kernel of the fused projection + cross-entropy
+  (:mod:`pmlm_engine.fused_ce` imports it on CUDA or when asked for ``impl="triton"``).
 * :mod:`.aot_report`: ahead-of-time compile report (registers, spills, shared memory).
 
 Only as ``pmlm_engine.kernels``: from the repository root this folder is also importable as a

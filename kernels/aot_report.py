@@ -1,4 +1,7 @@
-"""Ahead-of-time compile report of the pseudo-mask attention kernels: registers, spills, shared memory.
+"""Ahead-of-time compile report of the Triton kernels: registers, spills, shared memory.
+
+The pseudo-mask attention kernels (below) and the fused linear cross-entropy's chunk kernel
+(:func:`compile_fused_ce_rows`).
 
 Compiles the forward, the backward preprocess, the dK/dV pass and the dQ pass for CUDA targets
 without a GPU (``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``), with the
@@ -178,14 +181,8 @@ def compile_rows(
         kernels: subset of ``fwd, bwd_preprocess, bwd_dkdv, bwd_dq``; default all.
     """
     _require_compiler()
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
-    from triton.compiler import ASTSource
-
     rows: list[dict[str, Any]] = []
     for cc in targets:
-        arch = sm_arch_from_capability(cc)
         for dtype in dtypes:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r}: choose from {sorted(DTYPES)}")
@@ -194,18 +191,49 @@ def compile_rows(
                     if kernels is not None and name not in kernels:
                         continue
                     signature, consts, attrs = _specialise(fn, DTYPES[dtype], constexprs)
-                    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=consts, attrs=attrs),
-                                              target=GPUTarget("cuda", cc, 32),
-                                              options={"num_warps": warps, "num_stages": stages})
-                    regs_log, stores, loads, stack = _ptxas_spills(compiled.asm["ptx"], arch)
-                    regs = _cubin_registers(compiled.asm["cubin"])
-                    if regs != regs_log:
-                        raise RuntimeError(f"{name} sm_{cc}: ptxas reports {regs_log} registers but the cubin "
-                                           f"has {regs}; the report's ptxas flags no longer match Triton's")
-                    rows.append(asdict(AotRow(
-                        kernel=name, target=f"sm_{cc}", dtype=dtype, head_dim=head_dim, block_m=bm, block_n=bn,
-                        num_warps=warps, num_stages=stages, registers=regs, spill_stores=stores,
-                        spill_loads=loads, stack=stack, shared=int(compiled.metadata.shared))))
+                    rows.append(_compile_row(name, fn, signature, consts, attrs, cc, dtype, head_dim, bm, bn,
+                                             warps, stages))
+    return rows
+
+
+def _compile_row(name: str, fn: Callable, signature: dict[str, str], consts: dict[str, Any], attrs: dict,
+                 cc: int, dtype: str, head_dim: int, block_m: int, block_n: int, warps: int, stages: int
+                 ) -> dict[str, Any]:
+    """Compile one kernel for ``sm_<cc>`` and return its :class:`AotRow` as a dict."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", cc, 32), options={"num_warps": warps, "num_stages": stages})
+    regs_log, stores, loads, stack = _ptxas_spills(compiled.asm["ptx"], sm_arch_from_capability(cc))
+    regs = _cubin_registers(compiled.asm["cubin"])
+    if regs != regs_log:
+        raise RuntimeError(f"{name} sm_{cc}: ptxas reports {regs_log} registers but the cubin "
+                           f"has {regs}; the report's ptxas flags no longer match Triton's")
+    return asdict(AotRow(kernel=name, target=f"sm_{cc}", dtype=dtype, head_dim=head_dim, block_m=block_m,
+                         block_n=block_n, num_warps=warps, num_stages=stages, registers=regs, spill_stores=stores,
+                         spill_loads=loads, stack=stack, shared=int(compiled.metadata.shared)))
+
+
+def compile_fused_ce_rows(targets: Iterable[int] = TARGETS) -> list[dict[str, Any]]:
+    """The fused linear cross-entropy's chunk kernel (``fused_linear_ce._ce_fwd_bwd_kernel``), without
+    and with label smoothing, as launched: fp32 chunk logits (the head upcasts them), ``BLOCK_V``
+    columns per iteration (``block_n``), one row per program (``block_m`` 1), no head dim (0)."""
+    _require_compiler()
+    from . import fused_linear_ce as flce
+
+    rows = []
+    for cc in targets:
+        for smoothing in (False, True):
+            signature = {"Logits": "*fp32", "stride_row": "i32", "Labels": "*i64", "Loss": "*fp32", "V": "i32",
+                         "Smoothing": "*fp32", "IGNORE_INDEX": "constexpr", "HAS_SMOOTHING": "constexpr",
+                         "BLOCK_V": "constexpr"}
+            consts = {"IGNORE_INDEX": -100, "HAS_SMOOTHING": smoothing, "BLOCK_V": flce.BLOCK_V}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(signature) if signature[k].startswith("*")}
+            rows.append(_compile_row("fused_ce_smooth" if smoothing else "fused_ce", flce._ce_fwd_bwd_kernel,
+                                     signature, consts, attrs, cc, "fp32", 0, 1, flce.BLOCK_V, flce.NUM_WARPS, 1))
     return rows
 
 
@@ -225,8 +253,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     parser.add_argument("--kernels", nargs="+", default=None,
                         choices=["fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"])
+    parser.add_argument("--no-fused-ce", action="store_true", help="leave out the fused cross-entropy kernel")
     args = parser.parse_args(argv)
     rows = compile_rows(args.targets, args.dtypes, args.head_dims, args.kernels)
+    if not args.no_fused_ce:
+        rows += compile_fused_ce_rows(args.targets)
     print(format_table(rows))
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     if spilling:

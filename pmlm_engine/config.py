@@ -76,6 +76,9 @@ class ModelConfig:
     """Std of the normal init of weights."""
     attention_backend: str = "auto"
     """Backend of ``pmlm_engine.attention.pseudo_mask_attention``."""
+    compile: bool = False
+    """Run the encoder layers through ``torch.compile`` (a runtime choice like the backend: the
+    parameters and checkpoints are the same). Cached decoding always runs them eagerly."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",

@@ -370,10 +370,7 @@ class PMLMTrainStep(nn.Module):
                 doc_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.model(input_ids, position_ids, segment_ids, step, doc_ids)  # (B, L, C)
         out = pmlm_loss(hidden, labels, step, self.model.lm_head, label_smoothing=self.label_smoothing)
-        kind = step[out.token_index[:, 0], out.token_index[:, 1]]  # (N,)
-        # at least fp32 (bf16 losses summed in fp32); a float64 model keeps float64 (the exact tests)
-        token_loss = out.token_loss.to(torch.promote_types(out.token_loss.dtype, torch.float32))
-        return token_loss[kind == 0].sum(), token_loss[kind < 0].sum()
+        return out.ae_sum, out.par_sum  # fp32, fp64 for an fp64 model
 
 
 def _inputs(batch: Mapping[str, Tensor], device: torch.device) -> tuple[Tensor, ...]:

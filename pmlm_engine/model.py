@@ -12,7 +12,7 @@ resolved, the backend's shared work done once) and every layer attends with it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from .attention import attend, build_layout
 from .attention_api import AttentionLayout
 from .position_bias import RelativePositionBias
 from .config import ModelConfig
+from .fused_ce import linear_cross_entropy
 
 
 class KVCache:
@@ -306,10 +307,23 @@ class LMHead(nn.Module):
         self.embedding = embedding
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        """``(N, C)`` selected hidden states -> ``(N, V)`` logits."""
-        h = self.transform["LayerNorm"](F.gelu(self.transform["dense"](hidden)))
-        return F.linear(h, self.embedding.weight, self.bias)
+    def features(self, hidden: Tensor) -> Tensor:
+        """``(N, C)`` selected hidden states -> ``(N, C)`` inputs of the output projection (dense, GELU, LayerNorm)."""
+        return self.transform["LayerNorm"](F.gelu(self.transform["dense"](hidden)))
+
+    def forward(self, hidden: Tensor, labels: Optional[Tensor] = None, groups: Optional[Tensor] = None,
+                num_groups: int = 1, label_smoothing: float = 0.0) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """``(N, C)`` selected hidden states -> ``(N, V)`` logits.
+
+        With ``labels`` ``(N,)``: the cross-entropy instead, fused with the projection
+        (:func:`pmlm_engine.fused_ce.linear_cross_entropy`: summed per row group, and per row),
+        so the ``(N, V)`` logits never exist in full. It runs inside this module's forward so
+        that engines which gather parameters around a forward (ZeRO-3) see the tied weight used.
+        """
+        if labels is None:
+            return F.linear(self.features(hidden), self.embedding.weight, self.bias)
+        return linear_cross_entropy(self.features(hidden), self.embedding.weight, self.bias, labels, groups,
+                                    num_groups, label_smoothing=label_smoothing)
 
 
 class PMLMModel(nn.Module):
@@ -325,6 +339,20 @@ class PMLMModel(nn.Module):
                              if cfg.rel_pos_buckets > 0 else None)  # weight: (H, buckets)
         self.lm_head = LMHead(cfg, self.embeddings.word_embeddings)
         self.apply(self._init_weights)
+        self._compiled: Optional[list[nn.Module]] = None
+        if cfg.compile:
+            self.compile_encoder()
+
+    def compile_encoder(self) -> None:
+        """Run the encoder layers through ``torch.compile`` from now on (``ModelConfig.compile``).
+
+        Each layer is wrapped (compiled lazily, on its first call); the wrappers live outside
+        the module tree, so parameter names, ``state_dict`` and checkpoints are unchanged. All
+        layers share one code object, so one graph serves all of them (parameters are graph
+        inputs). Cached decoding bypasses the wrappers (:meth:`_layers`): its shapes change
+        at every step.
+        """
+        self._compiled = [torch.compile(layer) for layer in self.encoder["layer"]]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -368,7 +396,7 @@ class PMLMModel(nn.Module):
         """
         layout = self.attention_layout(step, doc_ids, position_ids, cache)
         x = self.embeddings(input_ids, position_ids, segment_ids)
-        for i, layer in enumerate(self.encoder["layer"]):
+        for i, layer in enumerate(self._layers(cache)):
             x = layer(x, layout, i, cache)
         if cache is not None:
             keep = step[0] >= 0  # (L,) context columns
@@ -415,6 +443,10 @@ class PMLMModel(nn.Module):
         return build_layout(k_step, k_doc, bias, self.attention_backend, q_step=q_step, q_doc_ids=q_doc,
                             num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=self._compute_dtype(step.device),
                             dropout_p=cfg.attention_dropout if self.training else 0.0)
+
+    def _layers(self, cache: Optional[KVCache]) -> list[nn.Module]:
+        """The layers a forward runs: the compiled wrappers, except for cached decoding."""
+        return self._compiled if self._compiled is not None and cache is None else list(self.encoder["layer"])
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -49,3 +49,20 @@ def test_report_cli_refuses_the_interpreter():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "TRITON_INTERPRET" in proc.stderr
+
+
+def test_fused_ce_kernel_compiles_for_sm80_and_sm90_without_spills():
+    """The fused linear cross-entropy's chunk kernel (with and without label smoothing) compiles
+    for sm_80 and sm_90 at its launch configuration with 0 spill bytes."""
+    code = ("import json\n"
+            "try:\n    from pmlm_engine.kernels import aot_report\n"
+            "except ModuleNotFoundError:  # not installed: the repository root is on PYTHONPATH\n"
+            "    from kernels import aot_report\n"
+            "print(json.dumps(aot_report.compile_fused_ce_rows([80, 90])))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted((r["kernel"], r["target"]) for r in rows) == [
+        ("fused_ce", "sm_80"), ("fused_ce", "sm_90"), ("fused_ce_smooth", "sm_80"), ("fused_ce_smooth", "sm_90")]
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and 0 < r["registers"] <= 255, r

@@ -23,7 +23,7 @@ def test_run_py_smoke_writes_every_output(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     suites = {r["suite"] for r in rows}
-    assert suites == {"environment", "attention", "tiles", "layout", "step", "decode", "data", "aot"}
+    assert suites == {"environment", "attention", "tiles", "layout", "step", "head", "decode", "data", "aot"}
     envrow = rows[0]
     for key in ("cpu", "cores", "torch", "triton", "deepspeed", "git", "date"):
         assert envrow.get(key) not in (None, ""), key
@@ -32,6 +32,11 @@ def test_run_py_smoke_writes_every_output(tmp_path):
     assert {r["impl"] for r in attention} >= {"torch", "sdpa", "eager"}
     assert all(r["fwd_ms"] and r["fwd_ms"] > 0 and 0 < r["kernel_tile_fraction"] <= 1 for r in attention)
     assert all(r["spill_stores"] == 0 for r in rows if r["suite"] == "aot")
+    assert {r["kernel"] for r in rows if r["suite"] == "aot"} >= {"fwd", "fused_ce", "fused_ce_smooth"}
+    step = [r for r in rows if r["suite"] == "step"]
+    assert {r["variant"] for r in step} >= {"pmlm", "mlm", "naive", "hf_mlm"}
+    assert all(r["peak_mem_mb"] > 0 and r["gflop_per_step"] > 0 and 0 < r["mfu"] < 1.5 for r in step)
+    assert {r["variant"] for r in rows if r["suite"] == "head"} == {"unfused", "fused"}
     tiles = [r for r in rows if r["suite"] == "tiles"]
     # The exact classifier computes no more tiles than the summary one and as many as FlexAttention's
     # block mask (both exact), at every tile size, on packed and padded rows.
@@ -46,3 +51,24 @@ def test_run_py_smoke_writes_every_output(tmp_path):
     assert "## attention" in report and "## aot" in report and "| impl |" in report
     assert (tmp_path / "attention_fwd.png").stat().st_size > 0
     assert (tmp_path / "step.png").stat().st_size > 0
+
+
+def test_peak_memory_replays_allocations_and_frees():
+    """benchmarks/common.peak_memory on the CPU: 4 MiB live, +8 MiB (peak 12), free the 4, +2 MiB (10 live):
+    the peak is 12 MiB, neither the last live total nor the sum of all allocations."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import peak_memory
+
+    def work():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(2 << 20)  # 8 MiB
+        del a
+        c = torch.ones(1 << 19)  # 2 MiB
+        return b, c
+
+    mib = peak_memory(work) / 2**20
+    assert 12 <= mib < 12.1, mib
