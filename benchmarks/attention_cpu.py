@@ -21,6 +21,10 @@ Timing: the implementations of one shape are run round-robin within every repeat
 other processes on a shared machine falls on all of them alike; the median and the 20th/80th
 percentiles are reported with the 1-minute load average read before the run.
 
+Tile fractions (:func:`run_tile_suite`, suite ``tiles`` of ``run.py``): on real packed and padded
+layouts, the share of tiles the Triton kernel computes with its exact classification, with the
+earlier summary classifier, and with FlexAttention's ``create_block_mask`` (counts, not timings).
+
     python benchmarks/attention_cpu.py           # quick: the pre-training shape, and M=128
     python benchmarks/attention_cpu.py --full    # all shapes
 """

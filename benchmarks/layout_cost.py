@@ -34,8 +34,13 @@ from pmlm_engine.mask_rule import resolve_layout
 H, D, NUM_LAYERS, NUM_BUCKETS = 12, 64, 12, 32
 
 
+_VIEWS = ("view", "unsqueeze", "squeeze", "expand", "permute", "transpose", "slice", "select", "alias",
+          "as_strided", "detach", "_unsafe_view", "t.default")
+
+
 class _OpCounter(TorchDispatchMode):
-    """Counts aten ops and the bytes of their tensor inputs and outputs."""
+    """Counts aten ops that move data (views excluded: no kernel, no traffic) and the bytes of their
+    tensor inputs and outputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,6 +49,8 @@ class _OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
         out = func(*args, **(kwargs or {}))
+        if any(v in str(func) for v in _VIEWS):
+            return out
         self.ops += 1
         for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
             if isinstance(t, torch.Tensor):

@@ -1,5 +1,5 @@
 // pmlm_engine._C: CPU hot loops of pmlm-engine (pybind11 + numpy, no torch headers).
-// Import torch before this module (TOOLCHAIN.md); the Python side is pmlm_engine/_native.py.
+// Import torch before this module (it links libc10); the Python side is pmlm_engine/_native.py.
 
 #include <pybind11/pybind11.h>
 

@@ -47,10 +47,10 @@ import triton.language as tl
 from torch import Tensor
 
 from pmlm_engine.attention_api import AttentionLayout
-from pmlm_engine.mask_rule import dense_pseudo_mask, resolve_layout
+from pmlm_engine.mask_rule import resolve_layout
 from pmlm_engine.position_bias import RelativePositionBias, relative_position_bucket
 
-from .tile_stats import TileStats, tile_classes, tile_lists, tile_stats
+from .tile_stats import TileStats, tile_classes_multi, tile_lists, tile_stats
 
 if __name__ != "pmlm_engine.kernels.pseudo_mask_attention":
     # A second execution under another name would redefine the custom ops below; torch then frees
@@ -632,15 +632,10 @@ class TilePlan:
 
 def plan_tiles(q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor, cfg: BlockConfig) -> list[Tensor]:
     """The twelve tile-list tensors of :class:`TilePlan` (exact classification, one mask for all passes)."""
-    visible = dense_pseudo_mask(k_step, k_doc, q_step=q_step, q_doc_ids=q_doc)  # (B, Lq, Lk)
-    out: list[Tensor] = []
-    for bq, bk, key_major in ((cfg.block_m, cfg.block_n, False), (cfg.block_m1, cfg.block_n1, True),
-                              (cfg.block_m2, cfg.block_n2, False)):
-        classes = tile_classes(q_step, q_doc, k_step, k_doc, bq, bk, visible=visible)  # (B, nQ, nK)
-        if key_major:
-            classes = classes.transpose(1, 2)  # (B, nK, nQ): each key tile lists its query tiles
-        out += tile_lists(classes)
-    return out
+    passes = tile_classes_multi(q_step, q_doc, k_step, k_doc, [(cfg.block_m, cfg.block_n), (cfg.block_m1, cfg.block_n1),
+                                                               (cfg.block_m2, cfg.block_n2)])  # each (B, nQ, nK)
+    # The dK/dV pass is key-major: each key tile lists its query tiles.
+    return [*tile_lists(passes[0]), *tile_lists(passes[1].transpose(1, 2)), *tile_lists(passes[2])]
 
 
 def _placeholder(device: torch.device, dtype: torch.dtype) -> Tensor:

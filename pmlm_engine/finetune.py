@@ -1,4 +1,4 @@
-"""Sequence-to-sequence fine-tuning with pseudo masks (PMLM.md section 6): the pre-training model, mask and loss.
+"""Sequence-to-sequence fine-tuning with pseudo masks (docs/finetuning.md): the pre-training model, mask and loss.
 
     python -m pmlm_engine.finetune --init minilm --data news --out runs/news-ft --steps 300
 

@@ -244,6 +244,22 @@ class PMLMModel(nn.Module):
         Returns:
             ``(B, L, C)`` hidden states of the new tokens.
         """
+        layout = self.attention_layout(step, doc_ids, position_ids, cache)
+        x = self.embeddings(input_ids, position_ids, segment_ids)
+        for i, layer in enumerate(self.encoder["layer"]):
+            x = layer(x, layout, i, cache)
+        if cache is not None:
+            self._append_to_cache(cache, step, doc_ids, position_ids)
+        return x
+
+    def attention_layout(self, step: Tensor, doc_ids: Optional[Tensor], position_ids: Tensor,
+                         cache: Optional[KVCache] = None) -> AttentionLayout:
+        """The attention layout of one forward, shared by all layers (``docs/attention.md``).
+
+        Validates the metadata, resolves the backend and lets it prepare its shared work, with
+        data-dependent Python where the backend needs it (the structured CPU plan): keep it outside
+        a compiled region and compile the layers, which only attend.
+        """
         if int(position_ids.max()) >= self.config.max_position:
             raise ValueError(f"position id {int(position_ids.max())} exceeds the position table "
                              f"(max_position={self.config.max_position}): shorten the input or extend "
@@ -268,15 +284,9 @@ class PMLMModel(nn.Module):
                 max_distance=self.config.rel_pos_max_distance,
             )
         cfg = self.config
-        layout = build_layout(k_step, k_doc, bias, self.attention_backend, q_step=q_step, q_doc_ids=q_doc,
-                              num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=self._compute_dtype(step.device),
-                              dropout_p=cfg.attention_dropout if self.training else 0.0)
-        x = self.embeddings(input_ids, position_ids, segment_ids)
-        for i, layer in enumerate(self.encoder["layer"]):
-            x = layer(x, layout, i, cache)
-        if cache is not None:
-            self._append_to_cache(cache, step, doc_ids, position_ids)
-        return x
+        return build_layout(k_step, k_doc, bias, self.attention_backend, q_step=q_step, q_doc_ids=q_doc,
+                            num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=self._compute_dtype(step.device),
+                            dropout_p=cfg.attention_dropout if self.training else 0.0)
 
     @staticmethod
     def _append_to_cache(cache: KVCache, step: Tensor, doc_ids: Optional[Tensor], position_ids: Tensor) -> None:

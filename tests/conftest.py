@@ -12,6 +12,9 @@ draws fresh random examples (and keeps a local example database) for bug hunting
 """
 
 import os
+import sys
+
+import pytest
 
 if "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -25,3 +28,16 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _backend_registry_unchanged():
+    """A test that registers an attention backend must remove it: the registry is global."""
+    attention = sys.modules.get("pmlm_engine.attention")
+    before = None
+    if attention is not None:
+        attention.available_backends()  # the dispatcher's own optional backends load once, not in a test
+        before = dict(attention._BACKENDS)
+    yield
+    if before is not None:
+        assert attention._BACKENDS == before, "a test left the attention backend registry changed"

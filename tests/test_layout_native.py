@@ -21,8 +21,6 @@ from pmlm_engine.config import MaskingConfig
 from pmlm_engine.layout import IGNORE, Example, SpecialIds, build_example, build_example_python
 from pmlm_engine.rng import derive_seed
 
-pytestmark = pytest.mark.skipif(not _native.available(), reason=_native.why_unavailable())
-
 CLS, SEP, MASK, PAD, PSEUDO = 101, 102, 103, 0, 104
 SPECIAL = SpecialIds(cls=CLS, sep=SEP, mask=MASK, pad=PAD, random_lo=1000, random_hi=30522)
 FIELDS = ("input_ids", "position_ids", "segment_ids", "step", "labels")

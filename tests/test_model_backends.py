@@ -77,3 +77,21 @@ def test_bf16_autocast_forward_and_backward(backend, batches):
     for part, name in ((slice(0, 1), "loss"), (slice(1, None), "bias-table gradient")):
         bound = 2 * ref_err[part].max() + 1e-3 * exact[part].abs().max()
         assert err[part].max() <= bound, f"{name}: max error {float(err[part].max()):.3g} > {float(bound):.3g}"
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "torch", "triton"])
+def test_a_layer_compiles_as_one_graph(backend, batches):
+    """With the layout built once per forward, a layer's call has no data-dependent Python: dynamo
+    traces it as one graph (fullgraph, no break), forward and backward, and the compiled layer
+    gives the eager layer's output (padded and packed batches, relative bias on)."""
+    model = tiny_model(torch.float32, seed=0, backend=backend, num_heads=2)  # eval: no dropout
+    layer = model.encoder["layer"][0]
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    for batch in batches:
+        layout = model.attention_layout(batch["step"], batch["doc_ids"], batch["position_ids"])
+        x = torch.randn(*batch["step"].shape, model.config.hidden_size, requires_grad=True)
+        out = compiled(x, layout, 0, None)
+        out.sum().backward()
+        torch.testing.assert_close(out, layer(x, layout, 0, None), rtol=0, atol=0)
+        assert x.grad is not None and torch.isfinite(x.grad).all()

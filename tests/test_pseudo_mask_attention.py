@@ -267,6 +267,21 @@ def test_tile_classes_are_exact(lay: Layout, blocks: tuple[int, int]):
             assert part_idx[b, i, :part_cnt[b, i]].tolist() == want_part
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=random_layouts(max_len=150), cfg=st.sampled_from([CFG16, CFG_RECT, pma.default_config(64, torch.float16),
+                                                              pma.default_config(128, torch.bfloat16)]))
+def test_the_kernel_plan_classifies_every_pass_exactly(lay: Layout, cfg: pma.BlockConfig):
+    """The tile lists the backend builds once per forward (one mask, the three passes' tile sizes
+    reduced from the smallest) equal the lists of each pass's own exact classification."""
+    tiles = pma.plan_tiles(lay.step, lay.doc, lay.step, lay.doc, cfg)
+    for i, (bq, bk, key_major) in enumerate([(cfg.block_m, cfg.block_n, False), (cfg.block_m1, cfg.block_n1, True),
+                                             (cfg.block_m2, cfg.block_n2, False)]):
+        classes = ts.tile_classes(lay.step, lay.doc, lay.step, lay.doc, bq, bk)
+        want = ts.tile_lists(classes.transpose(1, 2) if key_major else classes)
+        for got_t, want_t in zip(tiles[4 * i:4 * i + 4], want):
+            assert torch.equal(got_t, want_t), f"pass {i} ({bq} x {bk})"
+
+
 def test_tile_classes_find_the_structure():
     """On a real PMLM layout the classifier is not trivially conservative: main x main tiles are
     FULL, main queries x tiles of only appended keys are EMPTY, and the FLOP model's counts add

@@ -8,7 +8,7 @@ Proves:
   so the split over ranks does not change it mathematically; what differs is fp32 summation
   order (all-reduce of two half-batch gradients, padding to a different row length, sums over
   rank-local losses): ~1e-7 relative per step, growing slowly through Adam. We allow rtol 1e-5
-  against one process and 1e-6 between the ZeRO stages (TOOLCHAIN.md measured stage 3 within
+  against one process and 1e-6 between the ZeRO stages (stage 3 was measured within
   6e-8 of stage 1/2). The exported fp32 models agree to 1e-5.
 * SIGTERM to a running job finishes the step, saves, exits 0; the same command resumes and the
   loss sequence is bit-identical to an uninterrupted run's (dropout on: its RNG is restored).
