@@ -50,6 +50,7 @@ from pmlm_engine.attention_api import AttentionLayout
 from pmlm_engine.mask_rule import resolve_layout
 from pmlm_engine.position_bias import RelativePositionBias, relative_position_bucket
 
+from . import autotune
 from .tile_stats import TileStats, tile_classes_multi, tile_lists, tile_stats
 
 if __name__ != "pmlm_engine.kernels.pseudo_mask_attention":
@@ -625,18 +626,26 @@ class BlockConfig:
         return cls(block_m=block, block_n=block, block_m1=block, block_n1=block, block_m2=block, block_n2=block)
 
 
-# Defaults per head dim, chosen with ``aot_report`` (compiled for sm_80 and sm_90, fp16 and bf16,
-# bias on) so that no pass spills and every pass stays below the 255-register ceiling with
-# headroom (registers sm_80 / sm_90): D = 64: fwd 184/139, dK/dV 226/200, dQ 159/168;
-# D = 128: fwd 177/169, dK/dV 234/179, dQ 177/157. ptxas spills a few bytes erratically on
-# small dQ variants (D = 32 at 32x64 on sm_80), hence the per-head-dim dQ tiles. Not yet timed
-# on a GPU: these are "fits without spilling" choices, not measured optima.
-DEFAULT_CONFIGS: dict[int, BlockConfig] = {
-    16: BlockConfig(),
-    32: BlockConfig(block_m2=64, block_n2=32),
-    64: BlockConfig(),
-    128: BlockConfig(block_m=64, block_n=64, num_warps=8, block_m1=16, block_n1=64, num_warps1=8,
-                     block_m2=64, block_n2=32, num_warps2=8),
+def _from_passes(arch: int, head_dim: int) -> BlockConfig:
+    """The :class:`BlockConfig` of one architecture's default pass configurations (:mod:`autotune`)."""
+    p = autotune.default_passes(arch, head_dim)
+    fwd, dkdv, dq, pre = p["fwd"], p["bwd_dkdv"], p["bwd_dq"], p["bwd_preprocess"]
+    return BlockConfig(block_m=fwd.block_m, block_n=fwd.block_n, num_warps=fwd.num_warps, num_stages=fwd.num_stages,
+                       block_m1=dkdv.block_m, block_n1=dkdv.block_n, num_warps1=dkdv.num_warps,
+                       num_stages1=dkdv.num_stages, block_m2=dq.block_m, block_n2=dq.block_n, num_warps2=dq.num_warps,
+                       num_stages2=dq.num_stages, block_m0=pre.block_m, num_warps0=pre.num_warps, tma=arch >= 90)
+
+
+# fp16 / bf16 defaults per architecture (sm_80 for Ampere and anything without a GPU, including the
+# interpreter; sm_90 for Hopper and later) and head dim. Head dims 64 and 128 come from the
+# autotune sets and cost model of :mod:`autotune` (every candidate compiled ahead of time; the
+# sm_90 ones use wgmma and TMA, none spills). Head dims 16 and 32 keep hand-picked tiles checked
+# for spills on sm_80 (ptxas spills a few bytes on the 32x64 dQ tile at D = 32, hence 64x32).
+# Not yet timed on a GPU.
+DEFAULT_CONFIGS: dict[int, dict[int, BlockConfig]] = {
+    arch: {16: BlockConfig(), 32: BlockConfig(block_m2=64, block_n2=32),
+           64: _from_passes(arch, 64), 128: _from_passes(arch, 128)}
+    for arch in autotune.ARCHS
 }
 
 
@@ -656,12 +665,27 @@ FP32_CONFIGS: dict[int, BlockConfig] = {
 }
 
 
-def default_config(head_dim: int, dtype: torch.dtype = torch.float16) -> BlockConfig:
-    """The block configuration used for ``head_dim`` and input ``dtype`` when none is given."""
-    if head_dim not in DEFAULT_CONFIGS:
+def default_config(head_dim: int, dtype: torch.dtype = torch.float16, arch: Optional[int] = None) -> BlockConfig:
+    """The block configuration used for ``head_dim``, input ``dtype`` and GPU architecture when none is given.
+
+    ``arch`` is 80 or 90 (:data:`autotune.ARCHS`); None means the current CUDA device's, or 80
+    without one (the interpreter). fp32 uses :data:`FP32_CONFIGS` on every architecture.
+    """
+    if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} is not supported by the triton backend: use one of "
                          f"{SUPPORTED_HEAD_DIMS} or the 'sdpa'/'reference' backends")
-    return (FP32_CONFIGS if dtype == torch.float32 else DEFAULT_CONFIGS)[head_dim]
+    if dtype == torch.float32:
+        return FP32_CONFIGS[head_dim]
+    if arch is None:
+        arch = autotune.current_arch() if not INTERPRETED and torch.cuda.is_available() else 80
+    if arch not in DEFAULT_CONFIGS:
+        raise ValueError(f"arch={arch!r}: expected one of {sorted(DEFAULT_CONFIGS)}")
+    return DEFAULT_CONFIGS[arch][head_dim]
+
+
+def _arch_of(device: torch.device) -> int:
+    """The autotune architecture of the device the kernels run on (80 off a GPU: the interpreter)."""
+    return autotune.current_arch(device) if device.type == "cuda" and not INTERPRETED else 80
 
 
 def _kernel_flags(dtype: torch.dtype) -> tuple[bool, str]:
@@ -1030,7 +1054,7 @@ def fused_pseudo_mask_attention(
                          f"{SUPPORTED_HEAD_DIMS} or the 'sdpa'/'reference' backends")
     if config is not None and not isinstance(config, BlockConfig):
         raise TypeError(f"config must be a BlockConfig, got {type(config).__name__}")
-    cfg = default_config(D, q.dtype) if config is None else config
+    cfg = default_config(D, q.dtype, _arch_of(q.device)) if config is None else config
     if q_step is None and Lq != Lk:
         raise ValueError(f"queries ({Lq}) and keys ({Lk}) differ in length: pass q_step (and q_doc_ids)")
     if plan is None or plan.config != cfg:
@@ -1101,7 +1125,8 @@ class TritonBackend:
     def prepare(self, layout: AttentionLayout) -> TilePlan:
         """Validated int32 metadata, the bias LUT index and the exact tile lists of all three passes,
         for the block sizes of the layout's head dim and dtype."""
-        return make_plan(layout.step, layout.doc_ids, layout.bias, default_config(layout.head_dim, layout.dtype),
+        cfg = default_config(layout.head_dim, layout.dtype, _arch_of(layout.step.device))
+        return make_plan(layout.step, layout.doc_ids, layout.bias, cfg,
                          q_step=layout.q_step, q_doc_ids=layout.q_doc_ids, num_heads=layout.num_heads)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, scale: float) -> Tensor:
