@@ -6,7 +6,9 @@ Nothing here touches CUDA at import: availability is checked when the backend is
 
 * :mod:`.pseudo_mask_attention`: the fused kernels, the custom ops and the backend.
 * :mod:`.tile_stats`: tile classification and the FLOP model (``tile_stats.tile_stats``).
-* :mod:`.aot_report`: ahead-of-time compile report (registers, spills, shared memory).
+* :mod:`.autotune`: per-architecture launch configurations and the cost model that picks them.
+* :mod:`.aot_report`: ahead-of-time compile report (instruction, TMA, registers, spills, shared
+  memory, occupancy).
 
 Only as ``pmlm_engine.kernels``: from the repository root this folder is also importable as a
 top-level ``kernels`` (other libraries probe for a package of that name, e.g. transformers for

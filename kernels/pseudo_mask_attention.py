@@ -727,11 +727,13 @@ def plan_tiles(q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor, cfg
 
 
 def _tma_ok(*tensors: Tensor) -> bool:
-    """Whether tensor descriptors can address every tensor: unit inner stride, 16-byte aligned base
-    and outer strides (the TMA unit's rules; otherwise the pointer loads are used)."""
+    """Whether tensor descriptors can address every tensor: unit inner stride, a positive row stride
+    (an expanded gradient has 0), 16-byte aligned base and outer strides (the TMA unit's rules;
+    otherwise the pointer loads are used)."""
     for t in tensors:
         size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+        if (t.stride(-1) != 1 or t.stride(-2) <= 0 or t.data_ptr() % 16
+                or any(st * size % 16 for st in t.stride()[:-1])):
             return False
     return True
 
