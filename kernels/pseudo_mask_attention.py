@@ -639,13 +639,17 @@ def _from_passes(arch: int, head_dim: int) -> BlockConfig:
 # fp16 / bf16 defaults per architecture (sm_80 for Ampere and anything without a GPU, including the
 # interpreter; sm_90 for Hopper and later) and head dim. Head dims 64 and 128 come from the
 # autotune sets and cost model of :mod:`autotune` (every candidate compiled ahead of time; the
-# sm_90 ones use wgmma and TMA, none spills). Head dims 16 and 32 keep hand-picked tiles checked
-# for spills on sm_80 (ptxas spills a few bytes on the 32x64 dQ tile at D = 32, hence 64x32).
+# sm_90 ones use wgmma and TMA, none spills). Head dims 16 and 32 (no autotune set) keep
+# hand-picked tiles checked by ``aot_report``: on sm_80 as before (ptxas spills a few bytes on the
+# 32x64 dQ tile at D = 32, hence 64x32); on sm_90 FlashAttention-sized tiles with >= 64 query rows
+# in every pass so that each uses wgmma, and TMA (121-168 registers, no spills).
 # Not yet timed on a GPU.
+_SMALL_HEAD_SM90 = BlockConfig(block_m=128, block_n=64, num_warps=8, block_m1=16, block_n1=128, num_warps1=8,
+                               block_m2=64, block_n2=64, num_warps2=4, block_m0=128, tma=True)
 DEFAULT_CONFIGS: dict[int, dict[int, BlockConfig]] = {
-    arch: {16: BlockConfig(), 32: BlockConfig(block_m2=64, block_n2=32),
-           64: _from_passes(arch, 64), 128: _from_passes(arch, 128)}
-    for arch in autotune.ARCHS
+    80: {16: BlockConfig(), 32: BlockConfig(block_m2=64, block_n2=32), 64: _from_passes(80, 64),
+         128: _from_passes(80, 128)},
+    90: {16: _SMALL_HEAD_SM90, 32: _SMALL_HEAD_SM90, 64: _from_passes(90, 64), 128: _from_passes(90, 128)},
 }
 
 
