@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pmlm_engine.decode import CachedScorer, DecodeConfig, Hypothesis, beam_search, generate, greedy_search
+from pmlm_engine.decode import (
+    CachedScorer,
+    DecodeConfig,
+    Hypothesis,
+    StaticCachedScorer,
+    beam_search,
+    generate,
+    greedy_search,
+)
 from pmlm_engine.layout import build_seq2seq_example, collate_padded
 
 from .helpers import SPECIAL, tiny_model
@@ -111,13 +119,19 @@ def _same(got: Hypothesis, want: Hypothesis) -> None:
 # --------------------------------------------------------------------------- tests
 
 
+SCORERS = {"dynamic": lambda model, cfg: CachedScorer(model, SPECIAL),
+           "static": lambda model, cfg: StaticCachedScorer(model, SPECIAL, cfg.max_len)}
+
+
+@pytest.mark.parametrize("cache", sorted(SCORERS))
 @pytest.mark.parametrize("cfg", [DecodeConfig(max_len=9), DecodeConfig(max_len=7, min_len=3, no_repeat_ngram_size=2,
                                                                        length_penalty=1.0)])
-def test_cached_greedy_equals_recomputation(cfg: DecodeConfig):
-    """Batched cached greedy decoding (padded sources of different lengths) gives exactly the tokens, and the
-    scores to 1e-10 (float64), of recomputing the full fine-tuning layout at every step."""
+def test_cached_greedy_equals_recomputation(cfg: DecodeConfig, cache: str):
+    """Batched cached greedy decoding (padded sources of different lengths), with the growing cache and with the
+    static-capacity one, gives exactly the tokens, and the scores to 1e-10 (float64), of recomputing the full
+    fine-tuning layout at every step."""
     model = _model()
-    got = greedy_search(CachedScorer(model, SPECIAL), SOURCES, cfg, SPECIAL)
+    got = greedy_search(SCORERS[cache](model, cfg), SOURCES, cfg, SPECIAL)
     want = [ref_greedy(model, s, cfg) for s in SOURCES]
     if cfg.min_len == 0:  # the test exercises both endings: [SEP] and max_len
         assert any(h.ended for h in want) and any(not h.ended for h in want)
@@ -129,11 +143,13 @@ def test_cached_greedy_equals_recomputation(cfg: DecodeConfig):
     (DecodeConfig(beam_size=3, max_len=6), 3.0),  # one sentence done early (3 x [SEP]), one at max_len only
     (DecodeConfig(beam_size=4, max_len=6, min_len=2, length_penalty=0.7, no_repeat_ngram_size=2,
                   ngram_ignore=(9,)), 2.0)])
-def test_cached_beam_equals_recomputation(cfg: DecodeConfig, eos_boost: float):
-    """Cached batched beam search returns the same finished hypotheses (tokens exactly, scores to 1e-10) as a
-    per-sentence beam search that recomputes every beam's whole sequence at every step."""
+@pytest.mark.parametrize("cache", sorted(SCORERS))
+def test_cached_beam_equals_recomputation(cfg: DecodeConfig, eos_boost: float, cache: str):
+    """Cached batched beam search (growing and static cache: beams reordered in place, finished sentences
+    dropped) returns the same finished hypotheses (tokens exactly, scores to 1e-10) as a per-sentence beam
+    search that recomputes every beam's whole sequence at every step."""
     model = _model(eos_boost)
-    got = beam_search(CachedScorer(model, SPECIAL), SOURCES, cfg, SPECIAL)
+    got = beam_search(SCORERS[cache](model, cfg), SOURCES, cfg, SPECIAL)
     for src, hyps in zip(SOURCES, got):
         want = ref_beam(model, src, cfg)
         assert len(hyps) == len(want) >= 1
