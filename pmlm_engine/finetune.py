@@ -1,5 +1,4 @@
-"""Sequence-to-sequence fine-tuning with pseudo masks (docs/finetuning.md), as a task of the runner: its data
-and its model.
+"""Sequence-to-sequence fine-tuning with pseudo masks, as a task of the runner: its data and its model.
 
     python -m pmlm_engine.finetune --init minilm --corpus news --out runs/news-ft --steps 300 --save-every 100
     deepspeed --num_gpus 2 pmlm_engine/finetune.py --init runs/pretrain/final --zero-stage 2 --out runs/ft

@@ -384,7 +384,8 @@ class PMLMModel(nn.Module):
 
         Validates the metadata, resolves the backend and lets it prepare its shared work, with
         data-dependent Python where the backend needs it (the structured CPU plan): keep it outside
-        a compiled region and compile the layers, which only attend.
+        a compiled region and compile the layers, which only attend. With a cache, the new tokens'
+        metadata is written after the cached one (the keys are cached + new).
         """
         static = cache is not None and cache.static
         if not static and int(position_ids.max()) >= self.config.max_position:  # static: no host reads
