@@ -1,8 +1,8 @@
 """Which repetition remedy to decode with: ROUGE and repetition rates on the validation split.
 
-    python benchmarks/repetition.py --model runs/news-fit/final [--input news:valid] [--beam 5] [--threads 1]
+    python benchmarks/repetition.py --init runs/news-fit/final [--corpus news:valid] [--beam 5] [--threads 1]
 
-Decodes ``--input`` (default ``news:valid``: 200 pairs held out of the training split, never the
+Decodes ``--corpus`` (default ``news:valid``: 200 pairs held out of the training split, never the
 test split; fine-tune the model on ``news:fit``) once per setting below, with the same model,
 beam size, length penalty and lengths, and prints ROUGE-1/2/L, BLEU-4 and the share of
 predictions that repeat a content word / a word bigram (:func:`pmlm_engine.evaluate.repetition_rates`):
@@ -52,11 +52,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="fine-tuned model folder")
-    p.add_argument("--input", default="news:valid", help="pairs to decode and score (default news:valid)")
+    p.add_argument("--init", "--model", dest="model", required=True, help="fine-tuned model folder")
+    p.add_argument("--corpus", "--input", dest="input", default="news:valid",
+                   help="pairs to decode and score (default news:valid)")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--length-penalty", type=float, default=0.6)
-    p.add_argument("--max-len", type=int, default=None, help="default: the fine-tuning max_tgt_len")
+    p.add_argument("--max-tgt-len", "--max-len", dest="max_len", type=int, default=None,
+                   help="default: the fine-tuning max_tgt_len")
     p.add_argument("--max-src-len", type=int, default=None, help="default: the fine-tuning max_src_len")
     p.add_argument("--limit", type=int, default=0, help="first N pairs only (0 = all)")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {list(SETTINGS)}")
@@ -66,6 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ft = read_config(args.model).get("finetune", {})
+    ft = ft.get("data", ft)  # lengths: nested under "data" since the config family, flat before
     tok = load_tokenizer(model_tokenizer(args.model))
     model = load_model(args.model).eval()
     records = load_pair_spec(args.input, default_split="valid")

@@ -209,3 +209,25 @@ def test_too_long_for_the_position_table_is_an_error():
     model = _model()
     with pytest.raises(ValueError, match="positions"):
         generate(model, [list(range(5, 60)) * 2], SPECIAL, DecodeConfig(max_len=20))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_static_step_reads_nothing_back_to_the_host(backend: str, monkeypatch):
+    """A StaticCachedScorer step (after the first call) runs with every Tensor -> host conversion patched to
+    raise (item, bool, int, float, tolist, nonzero): the property CUDA-graph capture needs, checked on the CPU.
+    (The structured CPU backend `torch` reads a flag back in its per-forward preparation.)"""
+    model = _model()
+    model.set_attention_backend(backend)
+    scorer = StaticCachedScorer(model, SPECIAL, max_len=6)
+    with torch.no_grad():
+        scorer.start(SOURCES)
+
+        def host_read(*args, **kwargs):
+            raise AssertionError("a host read in the static decoding step")
+
+        for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, host_read)
+        out = scorer.step(torch.tensor([12, 13, 14]), 2)
+        out = scorer.step(torch.tensor([15, 16, 17]), 3)
+        monkeypatch.undo()
+    assert out.shape == (3, model.config.vocab_size) and torch.isfinite(out).any()
