@@ -1,4 +1,4 @@
-"""Ahead-of-time compile suite: registers, spills and shared memory of the Triton kernels.
+"""Ahead-of-time compile suite: instruction, TMA, registers, spills, shared memory, occupancy of the Triton kernels.
 
 Runs ``pmlm_engine.kernels.aot_report.compile_rows`` in a subprocess with ``TRITON_INTERPRET``
 removed from the environment: ahead-of-time compilation cannot run under the interpreter.

@@ -49,9 +49,9 @@ def finetune_batch(rows: int = 8, src: int = 464, tgt: int = 48, seed: int = 0) 
     return collate_padded(examples, SPECIAL.pad)
 
 
-def triton_model(step: torch.Tensor, doc: torch.Tensor, head_dim: int) -> dict[str, dict[str, float]]:
-    """The same quantities for the Triton kernel (its tile lists, its default fp16/bf16 tiles)."""
-    cfg = pma.default_config(head_dim, torch.bfloat16)
+def triton_model(step: torch.Tensor, doc: torch.Tensor, head_dim: int, arch: int = 80) -> dict[str, dict[str, float]]:
+    """The same quantities for the Triton kernel (its tile lists, its default bf16 tiles for ``arch``)."""
+    cfg = pma.default_config(head_dim, torch.bfloat16, arch=arch)
     out = {}
     for name, stats in pma.flop_model(step, doc, head_dim=head_dim, dtype=torch.bfloat16, config=cfg).items():
         bm, bn = stats.block_m, stats.block_n
@@ -79,7 +79,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for label, batch in layouts.items():
         step, doc = batch["step"], batch["doc_ids"]
-        models = {"triton": triton_model(step, doc, args.head_dim),
+        models = {"triton sm_80": triton_model(step, doc, args.head_dim, 80),
+                  "triton sm_90": triton_model(step, doc, args.head_dim, 90),
                   "cuda": ca.flop_model(step, doc, head_dim=args.head_dim, dtype=torch.bfloat16)}
         for kernel, passes in models.items():
             for name, m in passes.items():

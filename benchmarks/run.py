@@ -18,7 +18,8 @@ Suites (each a ``run_*_suite(quick) -> list[dict]`` in this folder, or in ``kern
 * ``head``: the LM head + loss alone, unfused vs fused projection + cross-entropy (time, peak memory);
 * ``decode``: KV-cached decoding vs s2s-ft-style re-projection, greedy and beam 5;
 * ``data``: C++ vs Python layout builder, examples/s, against what the trainer consumes;
-* ``aot``: registers, spills and shared memory of the Triton kernels for sm_80 / sm_90
+* ``aot``: tensor-core instruction, TMA, registers, spills, shared memory and occupancy of the
+  Triton kernels for sm_80 / sm_90
   (ahead-of-time compile in a subprocess: it cannot run under the Triton interpreter).
 
 Outputs in ``--out`` (default ``runs/bench/<UTC timestamp>``): ``report.md`` (the tables
@@ -75,8 +76,8 @@ COLUMNS: dict[str, list[str]] = {
                "decode_speedup", "e2e_speedup", "same_tokens"],
     "data": ["builder", "main_len", "median_examples_per_s", "p20_examples_per_s", "p80_examples_per_s",
              "median_tokens_per_s", "speedup_vs_python"],
-    "aot": ["kernel", "target", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "registers",
-            "spill_stores", "spill_loads", "stack", "shared"],
+    "aot": ["kernel", "target", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "instruction",
+            "tma", "registers", "spill_stores", "spill_loads", "stack", "shared", "occupancy"],
 }
 
 

@@ -8,7 +8,9 @@ Nothing here touches CUDA at import: availability is checked when the backend is
 * :mod:`.tile_stats`: tile classification and the FLOP model (``tile_stats.tile_stats``).
 * :mod:`.fused_linear_ce`: the chunk kernel of the fused projection + cross-entropy
   (:mod:`pmlm_engine.fused_ce` imports it on CUDA or when asked for ``impl="triton"``).
-* :mod:`.aot_report`: ahead-of-time compile report (registers, spills, shared memory).
+* :mod:`.autotune`: per-architecture launch configurations and the cost model that picks them.
+* :mod:`.aot_report`: ahead-of-time compile report (instruction, TMA, registers, spills, shared
+  memory, occupancy).
 
 Only as ``pmlm_engine.kernels``: from the repository root this folder is also importable as a
 top-level ``kernels`` (other libraries probe for a package of that name, e.g. transformers for

@@ -50,6 +50,7 @@ from pmlm_engine.attention_api import AttentionLayout
 from pmlm_engine.mask_rule import resolve_layout
 from pmlm_engine.position_bias import RelativePositionBias, relative_position_bucket
 
+from . import autotune
 from .tile_stats import TileStats, tile_classes_multi, tile_lists, tile_stats
 
 if __name__ != "pmlm_engine.kernels.pseudo_mask_attention":
@@ -98,12 +99,25 @@ def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _descriptor(base, rows, stride_row, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A TMA tensor descriptor over one (batch, head)'s ``(rows, HEAD_DIM)`` matrix.
+
+    Loads of ``BLOCK_ROWS x HEAD_DIM`` boxes go through the Hopper tensor-memory accelerator
+    (``cp.async.bulk.tensor``) and zero-fill rows past ``rows``, exactly what the masked pointer
+    loads return. The launcher only sets ``USE_TMA`` for unit inner strides and 16-byte aligned
+    bases and row strides (the hardware's requirements).
+    """
+    return tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride_row, 1],
+                                     block_shape=[BLOCK_ROWS, HEAD_DIM])
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i,  # running output (BLOCK_M, HEAD_DIM), row sum and row max (BLOCK_M,), fp32
     q,  # query tile, (BLOCK_M, HEAD_DIM)
     q_step, q_doc, q_pos,  # query metadata, (BLOCK_M,) int32
-    K_ptr,  # this (batch, head)'s keys, (Lk, HEAD_DIM)
-    V_ptr,  # this (batch, head)'s values, (Lk, HEAD_DIM)
+    K_ptr,  # this (batch, head)'s keys, (Lk, HEAD_DIM): a pointer, or a tensor descriptor with USE_TMA
+    V_ptr,  # this (batch, head)'s values, (Lk, HEAD_DIM): likewise
     K_STEP_ptr, K_DOC_ptr, K_POS_ptr,  # this row's key metadata, (Lk,) int32
     LUT_ptr,  # this head's bias LUT, (2 * MAX_DISTANCE + 1,) fp32
     TILES_ptr,  # key-tile indices to visit, (n_tiles,) int32
@@ -112,21 +126,28 @@ def _attn_fwd_inner(
     Lk, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_DISTANCE: tl.constexpr,
     MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     offs_k = tl.arange(0, HEAD_DIM)
     for t in range(0, n_tiles):
         start_n = tl.load(TILES_ptr + t) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = K_ptr + offs_n[None, :] * stride_kn + offs_k[:, None] * stride_kk
-        v_ptrs = V_ptr + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk
         if MASK:
             in_k = offs_n < Lk
-            kT = tl.load(kT_ptrs, mask=in_k[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+        if USE_TMA:
+            # The descriptor zero-fills rows past Lk: the same values as the masked loads below.
+            kT = tl.trans(K_ptr.load([start_n, 0]))
+            v = V_ptr.load([start_n, 0])
         else:
-            # A full tile is in range by construction (past-the-end keys count as padding).
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
+            kT_ptrs = K_ptr + offs_n[None, :] * stride_kn + offs_k[:, None] * stride_kk
+            v_ptrs = V_ptr + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk
+            if MASK:
+                kT = tl.load(kT_ptrs, mask=in_k[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+            else:
+                # A full tile is in range by construction (past-the-end keys count as padding).
+                kT = tl.load(kT_ptrs)
+                v = tl.load(v_ptrs)
         qk = _dot(q, kT, DOT_FP32, PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
         if HAS_BIAS:
             if MASK:
@@ -173,7 +194,7 @@ def _attn_fwd(
     stride_oz, stride_oh, stride_om, stride_ok,
     H, Lq, Lk, n_q_tiles, n_k_tiles, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_DISTANCE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -188,7 +209,14 @@ def _attn_fwd(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Lq
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=in_q[:, None], other=0.0)
+    if USE_TMA:
+        q = _descriptor(Q, Lq, stride_qm, BLOCK_M, HEAD_DIM).load([start_m * BLOCK_M, 0])
+        K_src = _descriptor(K, Lk, stride_kn, BLOCK_N, HEAD_DIM)
+        V_src = _descriptor(V, Lk, stride_vn, BLOCK_N, HEAD_DIM)
+    else:
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=in_q[:, None], other=0.0)
+        K_src = K
+        V_src = V
     q_step = tl.load(Q_STEP + off_z * Lq + offs_m, mask=in_q, other=0)
     q_doc = tl.load(Q_DOC + off_z * Lq + offs_m, mask=in_q, other=-1)
     if HAS_BIAS:
@@ -202,17 +230,17 @@ def _attn_fwd(
     row = off_z * n_q_tiles + start_m
     lut = LUT + off_h * (2 * MAX_DISTANCE + 1)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, q_step, q_doc, q_pos, K, V,
+        acc, l_i, m_i, q, q_step, q_doc, q_pos, K_src, V_src,
         K_STEP + off_z * Lk, K_DOC + off_z * Lk, K_POS + off_z * Lk, lut,
         FULL_IDX + row * n_k_tiles, tl.load(FULL_CNT + row),
         stride_kn, stride_kk, stride_vn, stride_vk, Lk, qk_scale,
-        BLOCK_N, HEAD_DIM, MAX_DISTANCE, False, HAS_BIAS, DOT_FP32, PRECISION)
+        BLOCK_N, HEAD_DIM, MAX_DISTANCE, False, HAS_BIAS, DOT_FP32, PRECISION, USE_TMA)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, q_step, q_doc, q_pos, K, V,
+        acc, l_i, m_i, q, q_step, q_doc, q_pos, K_src, V_src,
         K_STEP + off_z * Lk, K_DOC + off_z * Lk, K_POS + off_z * Lk, lut,
         PART_IDX + row * n_k_tiles, tl.load(PART_CNT + row),
         stride_kn, stride_kk, stride_vn, stride_vk, Lk, qk_scale,
-        BLOCK_N, HEAD_DIM, MAX_DISTANCE, True, HAS_BIAS, DOT_FP32, PRECISION)
+        BLOCK_N, HEAD_DIM, MAX_DISTANCE, True, HAS_BIAS, DOT_FP32, PRECISION, USE_TMA)
 
     # Rows with no visible key: l = 0 and acc = 0 -> output 0 and lse = -inf (documented contract).
     empty_row = l_i == 0.0
@@ -256,8 +284,8 @@ def _attn_bwd_dkdv_inner(
     dk, dv,  # running gradients of this key tile, (BLOCK_N, HEAD_DIM) fp32
     k, v,  # key and value tile, (BLOCK_N, HEAD_DIM)
     k_step, k_doc, k_pos,  # key metadata, (BLOCK_N,) int32
-    Q_ptr,  # this (batch, head)'s queries, (Lq, HEAD_DIM)
-    DO_ptr,  # this (batch, head)'s output gradient, (Lq, HEAD_DIM)
+    Q_ptr,  # this (batch, head)'s queries, (Lq, HEAD_DIM): a pointer, or a tensor descriptor with USE_TMA
+    DO_ptr,  # this (batch, head)'s output gradient, (Lq, HEAD_DIM): likewise
     LSE_ptr, Delta_ptr,  # this (batch, head)'s lse and delta, (Lq,) fp32
     Q_STEP_ptr, Q_DOC_ptr, Q_POS_ptr,  # this row's query metadata, (Lq,) int32
     LUT_ptr,  # this head's bias LUT, (2 * MAX_DISTANCE + 1,) fp32
@@ -268,24 +296,31 @@ def _attn_bwd_dkdv_inner(
     Lq, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_DISTANCE: tl.constexpr,
     MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     offs_k = tl.arange(0, HEAD_DIM)
     for t in range(0, n_tiles):
         start_m = tl.load(TILES_ptr + t) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = Q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk
-        do_ptrs = DO_ptr + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok
+        if USE_TMA:
+            q = Q_ptr.load([start_m, 0])  # zero-filled past Lq, like the masked loads
+            do = DO_ptr.load([start_m, 0])
+        else:
+            q_ptrs = Q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk
+            do_ptrs = DO_ptr + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok
         if MASK:
             in_q = offs_m < Lq
-            q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=in_q[:, None], other=0.0)
+            if not USE_TMA:
+                q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=in_q[:, None], other=0.0)
             # Rows with lse = -inf see no key: +inf makes their p exactly 0 instead of inf / NaN.
             lse = tl.load(LSE_ptr + offs_m, mask=in_q, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(Delta_ptr + offs_m, mask=in_q, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
+            if not USE_TMA:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
             lse = tl.load(LSE_ptr + offs_m)  # finite: every row of a full tile sees a key
             delta = tl.load(Delta_ptr + offs_m)
         qkT = _dot(k, tl.trans(q), DOT_FP32, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
@@ -339,7 +374,7 @@ def _attn_bwd_dkdv(
     stride_doz, stride_doh, stride_dom, stride_dok,
     H, Lq, Lk, n_q_tiles, n_k_tiles, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_DISTANCE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -354,8 +389,16 @@ def _attn_bwd_dkdv(
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, HEAD_DIM)
     in_k = offs_n < Lk
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=in_k[:, None], other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=in_k[:, None], other=0.0)
+    if USE_TMA:
+        k = _descriptor(K, Lk, stride_kn, BLOCK_N, HEAD_DIM).load([start_n * BLOCK_N, 0])
+        v = _descriptor(V, Lk, stride_vn, BLOCK_N, HEAD_DIM).load([start_n * BLOCK_N, 0])
+        Q_src = _descriptor(Q, Lq, stride_qm, BLOCK_M, HEAD_DIM)
+        DO_src = _descriptor(DO, Lq, stride_dom, BLOCK_M, HEAD_DIM)
+    else:
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kk, mask=in_k[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_k[None, :] * stride_vk, mask=in_k[:, None], other=0.0)
+        Q_src = Q
+        DO_src = DO
     k_step = tl.load(K_STEP + off_z * Lk + offs_n, mask=in_k, other=0)
     k_doc = tl.load(K_DOC + off_z * Lk + offs_n, mask=in_k, other=-1)
     if HAS_BIAS:
@@ -371,17 +414,17 @@ def _attn_bwd_dkdv(
     lut = LUT + off_h * W
     dlut = DLUT + off_hz.to(tl.int64) * W
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, k_step, k_doc, k_pos, Q, DO, lse_row, delta_row,
+        dk, dv, k, v, k_step, k_doc, k_pos, Q_src, DO_src, lse_row, delta_row,
         Q_STEP + off_z * Lq, Q_DOC + off_z * Lq, Q_POS + off_z * Lq, lut, dlut,
         FULL_IDX + row * n_q_tiles, tl.load(FULL_CNT + row),
         stride_qm, stride_qk, stride_dom, stride_dok, Lq, qk_scale,
-        BLOCK_M, HEAD_DIM, MAX_DISTANCE, False, HAS_BIAS, DOT_FP32, PRECISION)
+        BLOCK_M, HEAD_DIM, MAX_DISTANCE, False, HAS_BIAS, DOT_FP32, PRECISION, USE_TMA)
     dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, k_step, k_doc, k_pos, Q, DO, lse_row, delta_row,
+        dk, dv, k, v, k_step, k_doc, k_pos, Q_src, DO_src, lse_row, delta_row,
         Q_STEP + off_z * Lq, Q_DOC + off_z * Lq, Q_POS + off_z * Lq, lut, dlut,
         PART_IDX + row * n_q_tiles, tl.load(PART_CNT + row),
         stride_qm, stride_qk, stride_dom, stride_dok, Lq, qk_scale,
-        BLOCK_M, HEAD_DIM, MAX_DISTANCE, True, HAS_BIAS, DOT_FP32, PRECISION)
+        BLOCK_M, HEAD_DIM, MAX_DISTANCE, True, HAS_BIAS, DOT_FP32, PRECISION, USE_TMA)
 
     # dK = scale * dS^T Q: the softmax scale was folded into qk_scale for the scores only.
     dk *= sm_scale
@@ -396,8 +439,8 @@ def _attn_bwd_dq_inner(
     q, do,  # query and output-gradient tile, (BLOCK_M, HEAD_DIM)
     lse, delta,  # (BLOCK_M,) fp32; lse already +inf on rows with no visible key
     q_step, q_doc, q_pos,  # (BLOCK_M,) int32
-    K_ptr,  # this (batch, head)'s keys, (Lk, HEAD_DIM)
-    V_ptr,  # this (batch, head)'s values, (Lk, HEAD_DIM)
+    K_ptr,  # this (batch, head)'s keys, (Lk, HEAD_DIM): a pointer, or a tensor descriptor with USE_TMA
+    V_ptr,  # this (batch, head)'s values, (Lk, HEAD_DIM): likewise
     K_STEP_ptr, K_DOC_ptr, K_POS_ptr,  # this row's key metadata, (Lk,) int32
     LUT_ptr,  # this head's bias LUT, (2 * MAX_DISTANCE + 1,) fp32
     TILES_ptr,  # key-tile indices to visit, (n_tiles,) int32
@@ -406,20 +449,26 @@ def _attn_bwd_dq_inner(
     Lk, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_DISTANCE: tl.constexpr,
     MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     offs_k = tl.arange(0, HEAD_DIM)
     for t in range(0, n_tiles):
         start_n = tl.load(TILES_ptr + t) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT_ptrs = K_ptr + offs_n[None, :] * stride_kn + offs_k[:, None] * stride_kk
-        vT_ptrs = V_ptr + offs_n[None, :] * stride_vn + offs_k[:, None] * stride_vk
         if MASK:
             in_k = offs_n < Lk
-            kT = tl.load(kT_ptrs, mask=in_k[None, :], other=0.0)
-            vT = tl.load(vT_ptrs, mask=in_k[None, :], other=0.0)
+        if USE_TMA:
+            kT = tl.trans(K_ptr.load([start_n, 0]))  # zero-filled past Lk, like the masked loads
+            vT = tl.trans(V_ptr.load([start_n, 0]))
         else:
-            kT = tl.load(kT_ptrs)
-            vT = tl.load(vT_ptrs)
+            kT_ptrs = K_ptr + offs_n[None, :] * stride_kn + offs_k[:, None] * stride_kk
+            vT_ptrs = V_ptr + offs_n[None, :] * stride_vn + offs_k[:, None] * stride_vk
+            if MASK:
+                kT = tl.load(kT_ptrs, mask=in_k[None, :], other=0.0)
+                vT = tl.load(vT_ptrs, mask=in_k[None, :], other=0.0)
+            else:
+                kT = tl.load(kT_ptrs)
+                vT = tl.load(vT_ptrs)
         qk = _dot(q, kT, DOT_FP32, PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if HAS_BIAS:
             if MASK:
@@ -460,7 +509,7 @@ def _attn_bwd_dq(
     stride_doz, stride_doh, stride_dom, stride_dok,
     H, Lq, Lk, n_q_tiles, n_k_tiles, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_DISTANCE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -474,8 +523,17 @@ def _attn_bwd_dq(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Lq
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=in_q[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=in_q[:, None], other=0.0)
+    if USE_TMA:
+        q = _descriptor(Q, Lq, stride_qm, BLOCK_M, HEAD_DIM).load([start_m * BLOCK_M, 0])
+        do = _descriptor(DO, Lq, stride_dom, BLOCK_M, HEAD_DIM).load([start_m * BLOCK_M, 0])
+        K_src = _descriptor(K, Lk, stride_kn, BLOCK_N, HEAD_DIM)
+        V_src = _descriptor(V, Lk, stride_vn, BLOCK_N, HEAD_DIM)
+    else:
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, mask=in_q[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_k[None, :] * stride_dok, mask=in_q[:, None],
+                     other=0.0)
+        K_src = K
+        V_src = V
     lse = tl.load(LSE + off_hz.to(tl.int64) * Lq + offs_m, mask=in_q, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # no visible key: p must be 0, not inf
     delta = tl.load(Delta + off_hz.to(tl.int64) * Lq + offs_m, mask=in_q, other=0.0)
@@ -490,17 +548,17 @@ def _attn_bwd_dq(
     row = off_z * n_q_tiles + start_m
     lut = LUT + off_h * (2 * MAX_DISTANCE + 1)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, q_step, q_doc, q_pos, K, V,
+        dq, q, do, lse, delta, q_step, q_doc, q_pos, K_src, V_src,
         K_STEP + off_z * Lk, K_DOC + off_z * Lk, K_POS + off_z * Lk, lut,
         FULL_IDX + row * n_k_tiles, tl.load(FULL_CNT + row),
         stride_kn, stride_kk, stride_vn, stride_vk, Lk, qk_scale,
-        BLOCK_N, HEAD_DIM, MAX_DISTANCE, False, HAS_BIAS, DOT_FP32, PRECISION)
+        BLOCK_N, HEAD_DIM, MAX_DISTANCE, False, HAS_BIAS, DOT_FP32, PRECISION, USE_TMA)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, q_step, q_doc, q_pos, K, V,
+        dq, q, do, lse, delta, q_step, q_doc, q_pos, K_src, V_src,
         K_STEP + off_z * Lk, K_DOC + off_z * Lk, K_POS + off_z * Lk, lut,
         PART_IDX + row * n_k_tiles, tl.load(PART_CNT + row),
         stride_kn, stride_kk, stride_vn, stride_vk, Lk, qk_scale,
-        BLOCK_N, HEAD_DIM, MAX_DISTANCE, True, HAS_BIAS, DOT_FP32, PRECISION)
+        BLOCK_N, HEAD_DIM, MAX_DISTANCE, True, HAS_BIAS, DOT_FP32, PRECISION, USE_TMA)
     dq *= sm_scale
     tl.store(DQ + off_hz.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_k[None, :],
              dq.to(DQ.dtype.element_ty), mask=in_q[:, None])
@@ -523,9 +581,11 @@ class BlockConfig:
 
     ``block_m`` x ``block_n``: forward (queries x keys). ``block_m1`` x ``block_n1``: the dK/dV pass
     (a program owns ``block_n1`` keys and walks query tiles of ``block_m1``). ``block_m2`` x
-    ``block_n2``: the dQ pass. Blocks must be powers of two >= 16 (``tl.dot``'s minimum). Each
-    pass has its own ``num_warps`` / ``num_stages``. Smaller tiles skip more of a pseudo-mask
-    (finer classification) but do less work per loaded tile.
+    ``block_n2``: the dQ pass. ``block_m0`` rows per program of the backward preprocess. Blocks
+    must be powers of two >= 16 (``tl.dot``'s minimum). Each pass has its own ``num_warps`` /
+    ``num_stages``. Smaller tiles skip more of a pseudo-mask (finer classification) but do less
+    work per loaded tile. ``tma``: load Q / K / V / dO tiles through tensor descriptors (Hopper's
+    tensor-memory accelerator; the launcher uses it only where the strides allow it).
     """
 
     block_m: int = 64
@@ -540,13 +600,16 @@ class BlockConfig:
     block_n2: int = 64
     num_warps2: int = 4
     num_stages2: int = 2
+    block_m0: int = 64
+    num_warps0: int = 4
+    tma: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2"):
+        for name in ("block_m", "block_n", "block_m1", "block_n1", "block_m2", "block_n2", "block_m0"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ValueError(f"BlockConfig.{name}={value!r}: expected a power of two >= 16")
-        for name in ("num_warps", "num_warps1", "num_warps2"):
+        for name in ("num_warps", "num_warps1", "num_warps2", "num_warps0"):
             value = getattr(self, name)
             if value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"BlockConfig.{name}={value!r}: expected 1, 2, 4, 8 or 16")
@@ -554,6 +617,8 @@ class BlockConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockConfig.{name}={value!r}: expected an int >= 1")
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"BlockConfig.tma={self.tma!r}: expected a bool")
 
     @classmethod
     def uniform(cls, block: int) -> "BlockConfig":
@@ -561,18 +626,30 @@ class BlockConfig:
         return cls(block_m=block, block_n=block, block_m1=block, block_n1=block, block_m2=block, block_n2=block)
 
 
-# Defaults per head dim, chosen with ``aot_report`` (compiled for sm_80 and sm_90, fp16 and bf16,
-# bias on) so that no pass spills and every pass stays below the 255-register ceiling with
-# headroom (registers sm_80 / sm_90): D = 64: fwd 184/139, dK/dV 226/200, dQ 159/168;
-# D = 128: fwd 177/169, dK/dV 234/179, dQ 177/157. ptxas spills a few bytes erratically on
-# small dQ variants (D = 32 at 32x64 on sm_80), hence the per-head-dim dQ tiles. Not yet timed
-# on a GPU: these are "fits without spilling" choices, not measured optima.
-DEFAULT_CONFIGS: dict[int, BlockConfig] = {
-    16: BlockConfig(),
-    32: BlockConfig(block_m2=64, block_n2=32),
-    64: BlockConfig(),
-    128: BlockConfig(block_m=64, block_n=64, num_warps=8, block_m1=16, block_n1=64, num_warps1=8,
-                     block_m2=64, block_n2=32, num_warps2=8),
+def _from_passes(arch: int, head_dim: int) -> BlockConfig:
+    """The :class:`BlockConfig` of one architecture's default pass configurations (:mod:`autotune`)."""
+    p = autotune.default_passes(arch, head_dim)
+    fwd, dkdv, dq, pre = p["fwd"], p["bwd_dkdv"], p["bwd_dq"], p["bwd_preprocess"]
+    return BlockConfig(block_m=fwd.block_m, block_n=fwd.block_n, num_warps=fwd.num_warps, num_stages=fwd.num_stages,
+                       block_m1=dkdv.block_m, block_n1=dkdv.block_n, num_warps1=dkdv.num_warps,
+                       num_stages1=dkdv.num_stages, block_m2=dq.block_m, block_n2=dq.block_n, num_warps2=dq.num_warps,
+                       num_stages2=dq.num_stages, block_m0=pre.block_m, num_warps0=pre.num_warps, tma=arch >= 90)
+
+
+# fp16 / bf16 defaults per architecture (sm_80 for Ampere and anything without a GPU, including the
+# interpreter; sm_90 for Hopper and later) and head dim. Head dims 64 and 128 come from the
+# autotune sets and cost model of :mod:`autotune` (every candidate compiled ahead of time; the
+# sm_90 ones use wgmma and TMA, none spills). Head dims 16 and 32 (no autotune set) keep
+# hand-picked tiles checked by ``aot_report``: on sm_80 as before (ptxas spills a few bytes on the
+# 32x64 dQ tile at D = 32, hence 64x32); on sm_90 FlashAttention-sized tiles with >= 64 query rows
+# in every pass so that each uses wgmma, and TMA (121-168 registers, no spills).
+# Not yet timed on a GPU.
+_SMALL_HEAD_SM90 = BlockConfig(block_m=128, block_n=64, num_warps=8, block_m1=16, block_n1=128, num_warps1=8,
+                               block_m2=64, block_n2=64, num_warps2=4, block_m0=128, tma=True)
+DEFAULT_CONFIGS: dict[int, dict[int, BlockConfig]] = {
+    80: {16: BlockConfig(), 32: BlockConfig(block_m2=64, block_n2=32), 64: _from_passes(80, 64),
+         128: _from_passes(80, 128)},
+    90: {16: _SMALL_HEAD_SM90, 32: _SMALL_HEAD_SM90, 64: _from_passes(90, 64), 128: _from_passes(90, 128)},
 }
 
 
@@ -592,12 +669,27 @@ FP32_CONFIGS: dict[int, BlockConfig] = {
 }
 
 
-def default_config(head_dim: int, dtype: torch.dtype = torch.float16) -> BlockConfig:
-    """The block configuration used for ``head_dim`` and input ``dtype`` when none is given."""
-    if head_dim not in DEFAULT_CONFIGS:
+def default_config(head_dim: int, dtype: torch.dtype = torch.float16, arch: Optional[int] = None) -> BlockConfig:
+    """The block configuration used for ``head_dim``, input ``dtype`` and GPU architecture when none is given.
+
+    ``arch`` is 80 or 90 (:data:`autotune.ARCHS`); None means the current CUDA device's, or 80
+    without one (the interpreter). fp32 uses :data:`FP32_CONFIGS` on every architecture.
+    """
+    if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} is not supported by the triton backend: use one of "
                          f"{SUPPORTED_HEAD_DIMS} or the 'sdpa'/'reference' backends")
-    return (FP32_CONFIGS if dtype == torch.float32 else DEFAULT_CONFIGS)[head_dim]
+    if dtype == torch.float32:
+        return FP32_CONFIGS[head_dim]
+    if arch is None:
+        arch = autotune.current_arch() if not INTERPRETED and torch.cuda.is_available() else 80
+    if arch not in DEFAULT_CONFIGS:
+        raise ValueError(f"arch={arch!r}: expected one of {sorted(DEFAULT_CONFIGS)}")
+    return DEFAULT_CONFIGS[arch][head_dim]
+
+
+def _arch_of(device: torch.device) -> int:
+    """The autotune architecture of the device the kernels run on (80 off a GPU: the interpreter)."""
+    return autotune.current_arch(device) if device.type == "cuda" and not INTERPRETED else 80
 
 
 def _kernel_flags(dtype: torch.dtype) -> tuple[bool, str]:
@@ -638,6 +730,36 @@ def plan_tiles(q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor, cfg
     return [*tile_lists(passes[0]), *tile_lists(passes[1].transpose(1, 2)), *tile_lists(passes[2])]
 
 
+def _tma_ok(*tensors: Tensor) -> bool:
+    """Whether tensor descriptors can address every tensor: unit inner stride, a positive row stride
+    (an expanded gradient has 0), 16-byte aligned base and outer strides (the TMA unit's rules;
+    otherwise the pointer loads are used)."""
+    for t in tensors:
+        size = t.element_size()
+        if (t.stride(-1) != 1 or t.stride(-2) <= 0 or t.data_ptr() % 16
+                or any(st * size % 16 for st in t.stride()[:-1])):
+            return False
+    return True
+
+
+def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    """Global scratch for descriptors built in the kernel (``tl.make_tensor_descriptor``)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _use_tma(cfg: BlockConfig, *tensors: Tensor) -> bool:
+    """``cfg.tma`` where the tensors allow it; on a GPU, installs the scratch allocator the
+    descriptors need unless the caller set one (Triton keeps it in a context variable)."""
+    if not (cfg.tma and _tma_ok(*tensors)):
+        return False
+    if not INTERPRETED:
+        from triton.runtime import _allocation
+
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_tma_scratch)
+    return True
+
+
 def _placeholder(device: torch.device, dtype: torch.dtype) -> Tensor:
     """A 1-element tensor passed for pointers a constexpr switch leaves unused."""
     return torch.zeros(1, device=device, dtype=dtype)
@@ -662,13 +784,14 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, q_step: Tensor, q_doc: Tensor, k_
     full_idx, full_cnt, part_idx, part_cnt = tiles[0:4]
     n_q_tiles, n_k_tiles = full_idx.shape[1], full_idx.shape[2]
     dot_fp32, precision = _kernel_flags(q.dtype)
+    use_tma = _use_tma(cfg, q, k, v)
     _attn_fwd[(n_q_tiles, B * H)](
         q, k, v, out, lse, q_step, q_doc, q_pos, k_step, k_doc, k_pos, lut,
         full_idx, full_cnt, part_idx, part_cnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, Lq, Lk, n_q_tiles, n_k_tiles, scale * LOG2E.value,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, MAX_DISTANCE=max_distance,
-        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, PRECISION=precision,
+        HAS_BIAS=has_bias, DOT_FP32=dot_fp32, PRECISION=precision, USE_TMA=use_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -700,14 +823,13 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         dlut_arg = dlut
     dot_fp32, precision = _kernel_flags(q.dtype)
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    pre_block = 64
-    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_block), B * H)](
+    _attn_bwd_preprocess[(triton.cdiv(Lq, cfg.block_m0), B * H)](
         out, do, dlse if dlse is not None else _placeholder(q.device, torch.float32), delta,
         *out.stride(), *do.stride(), H, Lq,
-        BLOCK_M=pre_block, HEAD_DIM=D, HAS_DLSE=dlse is not None, num_warps=4, num_stages=1,
+        BLOCK_M=cfg.block_m0, HEAD_DIM=D, HAS_DLSE=dlse is not None, num_warps=cfg.num_warps0, num_stages=1,
     )
     common = dict(HEAD_DIM=D, MAX_DISTANCE=max_distance, HAS_BIAS=has_bias, DOT_FP32=dot_fp32,
-                  PRECISION=precision)
+                  PRECISION=precision, USE_TMA=_use_tma(cfg, q, k, v, do))
 
     full_idx, full_cnt, part_idx, part_cnt = tiles[4:8]
     n_k_tiles, n_q_tiles = full_idx.shape[1], full_idx.shape[2]
@@ -739,7 +861,14 @@ _CFG_FIELDS = tuple(BlockConfig.__dataclass_fields__)
 
 
 def _cfg(values: list[int]) -> BlockConfig:
-    return BlockConfig(**dict(zip(_CFG_FIELDS, values)))
+    """Inverse of :func:`_cfg_values` (custom ops take ``list[int]``, not dataclasses)."""
+    fields = dict(zip(_CFG_FIELDS, values))
+    fields["tma"] = bool(fields["tma"])
+    return BlockConfig(**fields)
+
+
+def _cfg_values(cfg: BlockConfig) -> list[int]:
+    return [int(getattr(cfg, f)) for f in _CFG_FIELDS]
 
 
 @torch.library.custom_op("pmlm::pseudo_mask_attention_fwd", mutates_args=())
@@ -931,7 +1060,7 @@ def fused_pseudo_mask_attention(
                          f"{SUPPORTED_HEAD_DIMS} or the 'sdpa'/'reference' backends")
     if config is not None and not isinstance(config, BlockConfig):
         raise TypeError(f"config must be a BlockConfig, got {type(config).__name__}")
-    cfg = default_config(D, q.dtype) if config is None else config
+    cfg = default_config(D, q.dtype, _arch_of(q.device)) if config is None else config
     if q_step is None and Lq != Lk:
         raise ValueError(f"queries ({Lq}) and keys ({Lk}) differ in length: pass q_step (and q_doc_ids)")
     if plan is None or plan.config != cfg:
@@ -945,7 +1074,7 @@ def fused_pseudo_mask_attention(
     if position_bias is not None:
         # Differentiable gather: autograd scatter-adds the LUT's gradient back onto the table.
         lut = position_bias.table.float()[:, plan.lut_index].contiguous()  # (H, 2 * max_distance + 1)
-    config_values = [getattr(cfg, f) for f in _CFG_FIELDS]
+    config_values = _cfg_values(cfg)
     out, lse = _fwd_op(q, k, v, plan.q_step, plan.q_doc, plan.k_step, plan.k_doc, plan.q_pos, plan.k_pos, lut, scale,
                        plan.max_distance, config_values, plan.tiles)
     return (out, lse) if return_lse else out
@@ -1002,7 +1131,8 @@ class TritonBackend:
     def prepare(self, layout: AttentionLayout) -> TilePlan:
         """Validated int32 metadata, the bias LUT index and the exact tile lists of all three passes,
         for the block sizes of the layout's head dim and dtype."""
-        return make_plan(layout.step, layout.doc_ids, layout.bias, default_config(layout.head_dim, layout.dtype),
+        cfg = default_config(layout.head_dim, layout.dtype, _arch_of(layout.step.device))
+        return make_plan(layout.step, layout.doc_ids, layout.bias, cfg,
                          q_step=layout.q_step, q_doc_ids=layout.q_doc_ids, num_heads=layout.num_heads)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, scale: float) -> Tensor:

@@ -15,6 +15,7 @@ make sure the key-major (dK/dV) and query-major (forward, dQ) tile lists are not
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -531,3 +532,22 @@ def test_a_second_import_under_another_name_cannot_replace_the_custom_ops():
     assert "refused: import it as pmlm_engine.kernels.pseudo_mask_attention" in proc.stdout
     assert "same op: True" in proc.stdout  # torch did not replace (and free) the engine's definition
     assert "shell: True False" in proc.stdout and proc.stdout.rstrip().endswith("ok")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensor_descriptor_loads_match_pointer_loads(dtype: torch.dtype):
+    """The sm_90 path (``tma=True``: Q / K / V / dO tiles through ``tl.make_tensor_descriptor``,
+    zero-filled past the sequence instead of masked) meets the error rule on a packed layout whose
+    length (97) leaves partial tiles past the end, and gives bit for bit the pointer path's output,
+    log-sum-exp and gradients (the same values are loaded; only the load instruction differs).
+    Views a descriptor cannot address (non-unit inner stride, an expanded gradient's zero row
+    stride, a row stride of 8 bytes) fall back to pointer loads."""
+    lay = engine_layout([40, 25], seed=7, packed_len=97, pad_to=97)
+    cfg = dataclasses.replace(CFG32, block_m=16, block_n1=16, tma=True)
+    q = torch.randn(1, 2, 97, 32, dtype=dtype)
+    assert pma._tma_ok(q, q, q) and not pma._tma_ok(q.transpose(2, 3))
+    assert not pma._tma_ok(q[:, :, :1].expand(1, 2, 97, 32)) and not pma._tma_ok(torch.randn(1, 2, 97, 2))
+    with_tma = compare(lay, dtype, cfg, H=2, D=32, seed=11)
+    without = compare(lay, dtype, dataclasses.replace(cfg, tma=False), H=2, D=32, seed=11)
+    for name, got in with_tma.items():
+        assert torch.equal(got, without[name]), name
