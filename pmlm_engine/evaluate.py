@@ -260,8 +260,8 @@ def bootstrap_report(rows: Sequence[Scores], outputs: Sequence[Sequence[str]], r
     for name, d in diffs.items():
         lines.append(f"| {name} | " + " | ".join(f"[{d[k][0]:+.2f}, {d[k][1]:+.2f}]" for k in BOOTSTRAP_METRICS)
                      + " |")
-    return dict(resamples=resamples, seed=seed, level=0.95, intervals=ci, differences=diffs,
-                markdown="\n".join(lines))
+    return {"resamples": resamples, "seed": seed, "level": 0.95, "intervals": ci, "differences": diffs,
+            "markdown": "\n".join(lines)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
