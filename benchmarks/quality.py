@@ -73,14 +73,14 @@ class Plan:
     """Every budget and setting of a run; one for the full table, one for ``--smoke``."""
 
     preset: str = "tiny"
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1200
     pretrain_batch: int = 16
     pretrain_len: int = 128
     pretrain_lr: float = 1e-3
     pretrain_warmup: int = 100
     pretrain_docs: int = 0
     """Documents of pre-training text (0 = all)."""
-    finetune_steps: int = 600
+    finetune_steps: int = 500
     finetune_batch: int = 16
     finetune_lr: float = 3e-4
     finetune_warmup: int = 60
