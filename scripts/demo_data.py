@@ -2,7 +2,7 @@
 
     python scripts/demo_data.py news runs/demo/data     # writes news_train.jsonl and news_val.jsonl
 
-The validation split is the 200 train pairs whose ``sha256("<corpus>:val:<id>")`` hex digests are
+The validation split is the 200 train pairs whose ``sha256("<corpus>:valid:<id>")`` hex digests are
 smallest (the test split of :mod:`pmlm_engine.s2s_data` ranks ``"<corpus>:<id>"`` and is already
 removed). Settings are chosen on it, never on the test split; the rest, in corpus order, is what
 the demo fine-tunes on (3,295 news pairs).
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from pmlm_engine.s2s_data import builtin_pairs, write_jsonl
 
     train = builtin_pairs(a.corpus, "train")
-    ranked = sorted(train, key=lambda r: hashlib.sha256(f"{a.corpus}:val:{r.id}".encode()).hexdigest())
+    ranked = sorted(train, key=lambda r: hashlib.sha256(f"{a.corpus}:valid:{r.id}".encode()).hexdigest())
     val = {r.id for r in ranked[:VAL_SIZE]}
     out = Path(a.out)
     for name, keep in (("train", False), ("val", True)):
