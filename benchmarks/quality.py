@@ -381,7 +381,8 @@ def plot(out: Path, lines: Sequence[dict[str, Any]], plan: Plan) -> Path:
             rows = [r for r in _metrics(out / "pretrain" / f"{objective}-s{seed}" / "metrics.jsonl") if "loss" in r]
             for key, style in (("ae_loss", "-"), ("par_loss", "--")):
                 if rows and OBJECTIVES[objective][key.replace("loss", "weight")] > 0:
-                    ax1.plot([r["step"] for r in rows], [r[key] for r in rows], style, color=colors[objective],
+                    ax1.plot([r["step"] for r in rows], [r[key] for r in rows], style, marker=".",
+                             color=colors[objective],
                              alpha=1.0 if seed == plan.seeds[0] else 0.5,
                              label=f"{objective}: {key}" if seed == plan.seeds[0] else None)
     ax1.set_xlabel("pre-training step")
