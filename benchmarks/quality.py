@@ -104,7 +104,8 @@ class Plan:
 
 
 SMOKE = {"pretrain_steps": 3, "pretrain_batch": 2, "pretrain_len": 32, "pretrain_warmup": 1, "pretrain_docs": 40,
-             "finetune_steps": 3, "finetune_batch": 2, "finetune_warmup": 1, "max_src_len": 24, "max_tgt_len": 8, "train_pairs": 16,
+             "finetune_steps": 3, "finetune_batch": 2, "finetune_warmup": 1, "max_src_len": 24, "max_tgt_len": 8,
+             "train_pairs": 16,
              "test_pairs": 6, "beam": 2, "min_len": 1, "bootstrap": 100, "seeds": [0], "tasks": ["news"]}
 
 
@@ -333,11 +334,11 @@ def aggregate(results: Sequence[dict[str, Any]], references: dict[str, list[str]
             if not runs:
                 continue
             per_seed = [rouge_per_example(r["predictions"], refs) for r in runs]
-            line: dict[str, Any] = {"row": row, "task": task, "seeds": [r["seed"] for r in runs], "steps": runs[0]["steps"],
-                                        "params": runs[0]["params"],
-                                        "step_s": statistics.mean(r["train_seconds"] / r["steps"] for r in runs),
-                                        "last_loss": statistics.mean(r["last_loss"] for r in runs),
-                                        "empty": sum(1 for r in runs for p in r["predictions"] if not p.strip())}
+            line: dict[str, Any] = {"row": row, "task": task, "seeds": [r["seed"] for r in runs],
+                                    "steps": runs[0]["steps"], "params": runs[0]["params"],
+                                    "step_s": statistics.mean(r["train_seconds"] / r["steps"] for r in runs),
+                                    "last_loss": statistics.mean(r["last_loss"] for r in runs),
+                                    "empty": sum(1 for r in runs for p in r["predictions"] if not p.strip())}
             for k in BOOTSTRAP_METRICS:
                 per_example = [statistics.mean(s[k][i] for s in per_seed) for i in range(len(refs))]
                 line[k] = 100 * statistics.mean(per_example)
@@ -346,7 +347,8 @@ def aggregate(results: Sequence[dict[str, Any]], references: dict[str, list[str]
             lines.append(line)
         lead = score([" ".join(s.split()[:10]) for s in references[f"{task}:src"]], refs, "lead-10")
         lead_per = rouge_per_example([" ".join(s.split()[:10]) for s in references[f"{task}:src"]], refs)
-        line = {"row": "lead-10", "task": task, "seeds": [], "steps": 0, "params": 0, "step_s": 0.0, "last_loss": float("nan"), "empty": 0}
+        line = {"row": "lead-10", "task": task, "seeds": [], "steps": 0, "params": 0, "step_s": 0.0,
+                "last_loss": float("nan"), "empty": 0}
         for k in BOOTSTRAP_METRICS:
             line[k] = getattr(lead, k)
             line[f"{k}_ci"] = bootstrap_ci(lead_per[k], idx)
@@ -428,7 +430,8 @@ def report(out: Path, lines: Sequence[dict[str, Any]], pre: Sequence[dict[str, A
         extra = (f"{len(x['seeds'])} | {x['steps']} | {x['step_s']:.3f} | {x['params'] / 1e6:.1f}M | {x['empty']}"
                  if x["row"] != "lead-10" else " | | | | ")
         md.append(f"| {x['task']} | {ROW_NAMES.get(x['row'], x['row'])} | {cells} | {extra} |")
-    md += ["", "Pre-training (last 10-step window):", "", "| objective | seed | steps | AE loss | PAR loss | tokens/s |",
+    md += ["", "Pre-training (last 10-step window):", "",
+           "| objective | seed | steps | AE loss | PAR loss | tokens/s |",
            "|---|---|---|---|---|---|"]
     for p in pre:
         fmt = (lambda v: "" if v is None else f"{v:.3f}")
@@ -472,7 +475,8 @@ def run(plan: Plan, out: Path, threads: int, smoke: bool) -> dict[str, Any]:
         references[task], references[f"{task}:src"] = [r["tgt"] for r in recs], [r["src"] for r in recs]
     lines = aggregate(results, references, plan)
     pre = pretrain_table(out, plan)
-    meta = {"smoke": smoke, "threads": threads, "load_start": f"{load_start:.2f}", "load_end": f"{os.getloadavg()[0]:.2f}",
+    meta = {"smoke": smoke, "threads": threads, "load_start": f"{load_start:.2f}",
+            "load_end": f"{os.getloadavg()[0]:.2f}",
                 "seconds": time.perf_counter() - t0, "machine": f"{platform.processor() or platform.machine()}, "
                 f"{os.cpu_count()} cores, Python {platform.python_version()}"}
     text = report(out, lines, pre, plan, meta)

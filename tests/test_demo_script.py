@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_sh_help_and_bad_arguments():
     """--help prints the header (knobs included) and exits 0; a stray argument is refused before any work with
     a message naming the step sections."""
-    ok = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--help"], check=False, capture_output=True, text=True,
-                        timeout=60)
+    ok = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--help"], check=False, capture_output=True,
+                        text=True, timeout=60)
     assert ok.returncode == 0 and "THREADS" in ok.stdout and "--fast" in ok.stdout and "FINETUNE_STEPS" in ok.stdout
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--beam", "3"], check=False, capture_output=True,
                          text=True, timeout=60)
