@@ -66,7 +66,7 @@ class Shape:
 def synthetic_layout(main: int, ratio: float, rows: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """``(step, position_ids)``, each ``(rows, main + 2 * ceil(ratio * main))``.
 
-    Spans: length 1, or 2..6 with probability 0.4 (PMLM.md section 1), non-overlapping, inside
+    Spans: length 1, or 2..6 with probability 0.4 (docs/layout.md), non-overlapping, inside
     ``[1, main - 1)`` (``[CLS]``/``[SEP]`` excluded), the last one cut so exactly
     ``ceil(ratio * main)`` tokens are masked; steps in a random order.
     """
@@ -306,6 +306,69 @@ def run_attention_suite(quick: bool, *, threads: Optional[int] = None, smoke: bo
             rows += _time_shape(shape, impls, warmup, repeats)
     finally:
         torch.set_num_threads(saved_threads)
+    return rows
+
+
+def engine_layouts(num_examples: int = 24, lengths: tuple[int, int] = (64, 256), row_len: int = 1024,
+                   seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{"packed": (step, doc_ids), "padded": (step, doc_ids)}`` of real pre-training layouts:
+    ``num_examples`` main sequences of ``lengths`` tokens (uniform) masked by the engine's own
+    builder (default :class:`MaskingConfig`), packed first-fit into rows of ``row_len`` tokens,
+    and the same examples one per row, padded."""
+    import numpy as np
+
+    from pmlm_engine.config import MaskingConfig
+    from pmlm_engine.data import chunk_document
+    from pmlm_engine.layout import SpecialIds, build_example_python, collate_packed, collate_padded
+
+    special = SpecialIds(cls=1, sep=2, mask=3, pad=0, random_lo=5, random_hi=1000)
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in range(num_examples):
+        n = int(rng.integers(lengths[0], lengths[1] + 1))
+        (seq,) = list(chunk_document(rng.integers(5, 1000, n - 3), n, special, seed + i))
+        examples.append(build_example_python(seq.tokens, seq.segment_ids, seq.maskable, seed + i, MaskingConfig(),
+                                             special))
+    packed = collate_packed(examples, special.pad, row_len)
+    padded = collate_padded(examples, special.pad, pad_to_multiple=128)
+    return {"packed": (packed["step"], packed["doc_ids"]), "padded": (padded["step"], padded["doc_ids"])}
+
+
+def _flex_fraction(step: Tensor, doc: Tensor, block_m: int, block_n: int) -> float:
+    """Share of tiles FlexAttention's ``create_block_mask`` keeps (partial + full) for the rule."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def rule(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's mask_mod signature
+        wq, wk = step[b, q_idx], step[b, kv_idx]
+        ctx = wk >= 0
+        visible = torch.where(wq >= 0, ctx & (wk <= wq), (ctx & (wk < -wq)) | (wk == wq))
+        return visible & (doc[b, q_idx] == doc[b, kv_idx]) & (doc[b, kv_idx] >= 0)
+
+    B, L = step.shape
+    bm = create_block_mask(rule, B=B, H=None, Q_LEN=L, KV_LEN=L, device="cpu", BLOCK_SIZE=(block_m, block_n))
+    kept = int(bm.kv_num_blocks.sum()) + (int(bm.full_kv_num_blocks.sum()) if bm.full_kv_num_blocks is not None else 0)
+    return kept / (B * -(-L // block_m) * -(-L // block_n))
+
+
+def run_tile_suite(quick: bool = True, *, smoke: bool = False) -> list[dict]:
+    """Share of (query tile, key tile) pairs the Triton kernel computes on real layouts, per tile size:
+    ``summary`` (the earlier conservative classifier), ``exact`` (what the kernel uses now: a tile is
+    computed iff it has a visible pair), ``flex`` (FlexAttention's ``create_block_mask`` on the same
+    rule), and the visible share of pairs (an element-sparse ideal). Counts, not timings."""
+    from pmlm_engine.kernels.tile_stats import tile_stats
+
+    layouts = engine_layouts(num_examples=6 if smoke else 24)
+    rows = []
+    for name, (step, doc) in layouts.items():
+        for bm, bn in ((64, 64), (128, 64), (128, 128)):
+            summary = tile_stats(step, doc, bm, bn, method="summary")
+            exact = tile_stats(step, doc, bm, bn)
+            rows.append({"layout": name, "rows": step.shape[0], "L": step.shape[1], "block": f"{bm}x{bn}",
+                         "summary_fraction": summary.computed_fraction, "exact_fraction": exact.computed_fraction,
+                         "flex_fraction": _flex_fraction(step, doc, bm, bn),
+                         "exact_full_share": exact.full / max(1, exact.partial + exact.full),
+                         "summary_full_share": summary.full / max(1, summary.partial + summary.full),
+                         "visible_fraction": exact.visible_fraction})
     return rows
 
 

@@ -76,7 +76,7 @@ class HiddenStateScorer:
             sa = layer.attention["self"]
             x_all = x if first else torch.cat([self.hist[i], x], 1)  # (N, Lc + L, C)
             q, k, v = sa._heads(sa.query(x)), sa._heads(sa.key(x_all)), sa._heads(sa.value(x_all))  # re-projection
-            a = pseudo_mask_attention(q, k, v, k_step, k_doc, bias, sa.backend,
+            a = pseudo_mask_attention(q, k, v, k_step, k_doc, bias, m.attention_backend,
                                       q_step=None if first else step, q_doc_ids=None if first else doc)
             a = a.transpose(1, 2).reshape(x.shape)
             out = layer.attention["output"]

@@ -8,6 +8,10 @@ Suites (each a ``run_*_suite(quick) -> list[dict]`` in this folder, or in ``kern
 * ``attention``: structured CPU path vs SDPA with a dense mask vs an eager s2s-ft-style
   implementation vs compiled FlexAttention (forward only on CPU), and the Triton kernel
   where a GPU exists; with the fraction of tiles the kernel computes;
+* ``tiles``: share of tiles the Triton kernel computes on real packed / padded layouts: the
+  earlier summary classifier, the exact one it uses, and FlexAttention's ``create_block_mask``;
+* ``layout``: what building the attention layout once per forward saves per layer (measured on
+  the CPU paths; an op / byte model of the Triton pre-pass);
 * ``step``: one-pass PMLM training step vs an MLM-only step vs naive multi-pass PAR;
 * ``decode``: KV-cached decoding vs s2s-ft-style re-projection, greedy and beam 5;
 * ``data``: C++ vs Python layout builder, examples/s, against what the trainer consumes;
@@ -27,7 +31,6 @@ import argparse
 import datetime as dt
 import importlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 # suite -> (module, function); modules live beside this file
 SUITES: dict[str, tuple[str, str]] = {
     "attention": ("attention_cpu", "run_attention_suite"),
+    "tiles": ("attention_cpu", "run_tile_suite"),
+    "layout": ("layout_cost", "run_layout_suite"),
     "step": ("train_step", "run_step_suite"),
     "decode": ("decode", "run_decode_suite"),
     "data": ("data_layout", "run_data_suite"),
@@ -52,6 +57,11 @@ COLUMNS: dict[str, list[str]] = {
     "attention": ["impl", "main", "appended", "ratio", "bias", "fwd_ms", "fwd_p20", "fwd_p80", "fwdbwd_ms",
                   "fwdbwd_p20", "fwdbwd_p80", "speedup_fwdbwd_vs_sdpa", "gflops_dense_equiv",
                   "kernel_tile_fraction", "visible_fraction", "note"],
+    "tiles": ["layout", "rows", "L", "block", "summary_fraction", "exact_fraction", "flex_fraction",
+              "summary_full_share", "exact_full_share", "visible_fraction"],
+    "layout": ["layout", "backend", "threads", "load1", "layout_ms", "attention_layer_fwdbwd_ms",
+               "saved_share_of_layer", "prepass_ops_per_step_before", "prepass_ops_per_step_now",
+               "prepass_mb_per_step_before", "prepass_mb_per_step_now"],
     "step": ["preset", "dtype", "attention", "ranks", "variant", "batch", "max_len", "passes", "step_median_ms",
              "step_p20_ms", "step_p80_ms", "tokens_per_s", "vs_mlm", "naive_over_this"],
     "decode": ["search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s", "e2e_tokens_per_s",

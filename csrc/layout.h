@@ -1,4 +1,4 @@
-// PMLM masking + layout of one example (PMLM.md sections 1-2): the C++ fast path of
+// PMLM masking + layout of one example (docs/layout.md): the C++ fast path of
 // pmlm_engine.layout.build_example_python. Pure C++ (no Python, no torch): the pybind11
 // binding in layout.cpp validates inputs, releases the GIL and calls build_example_core.
 #pragma once

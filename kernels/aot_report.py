@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 if __package__ in (None, ""):
-    # Run as a script (``python kernels/aot_report.py``): make the package importable by its name.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    __package__ = "kernels"
+    # Run as a script (``python kernels/aot_report.py``): the relative imports resolve in the installed
+    # package (this folder is pmlm_engine.kernels; under any other name the kernels refuse to load).
+    __package__ = "pmlm_engine.kernels"
 
 # Report name -> Triton pointer element type. fp32 is available on request (IEEE dots, slow path).
 DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}

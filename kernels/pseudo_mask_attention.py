@@ -1,6 +1,6 @@
 """Fused, tile-sparse pseudo-mask attention in Triton (FlashAttention-2 style).
 
-What it computes is ``pmlm_engine.attention.pseudo_mask_attention`` (PMLM.md section 3):
+What it computes is ``pmlm_engine.attention.pseudo_mask_attention`` (docs/attention.md):
 
     S = scale * Q K^T + bias,   P = softmax(S masked by the pseudo-mask),   O = P V
 
@@ -46,9 +46,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pmlm_engine.attention import RelativePositionBias, register_backend, relative_position_bucket
+from pmlm_engine.attention_api import AttentionLayout
+from pmlm_engine.mask_rule import dense_pseudo_mask, resolve_layout
+from pmlm_engine.position_bias import RelativePositionBias, relative_position_bucket
 
-from .tile_stats import TileStats, resolve_layout, tile_classes, tile_lists, tile_stats
+from .tile_stats import TileStats, tile_classes, tile_lists, tile_stats
+
+if __name__ != "pmlm_engine.kernels.pseudo_mask_attention":
+    # A second execution under another name would redefine the custom ops below; torch then frees
+    # the first definition, which the engine still calls (use after free: segfaults, garbage).
+    raise ImportError(f"import it as pmlm_engine.kernels.pseudo_mask_attention, not as {__name__!r} (its custom "
+                      "ops must be defined once per process)")
 
 # The kernels work in base 2: exp(x) = exp2(x * log2(e)). Kernel globals must be tl.constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -60,7 +68,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _visible(q_step, q_doc, k_step, k_doc):
-    """PMLM.md section 3 for broadcastable query / key tensors (e.g. ``(M, 1)`` and ``(1, N)``).
+    """docs/attention.md for broadcastable query / key tensors (e.g. ``(M, 1)`` and ``(1, N)``).
 
     ``ctx_limit`` is the largest non-negative key step a query may see: ``w_q`` for main and
     ORIGINAL queries, ``-w_q - 1`` for PSEUDO queries (earlier steps only). A PSEUDO query also
@@ -600,12 +608,39 @@ def _kernel_flags(dtype: torch.dtype) -> tuple[bool, str]:
     return dot_fp32, precision
 
 
-def _grid_lists(q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor, block_q: int, block_k: int,
-                key_major: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    classes = tile_classes(q_step, q_doc, k_step, k_doc, block_q, block_k)  # (B, nQ, nK)
-    if key_major:
-        classes = classes.transpose(1, 2)  # (B, nK, nQ): each key tile lists its query tiles
-    return tile_lists(classes)
+@dataclass(frozen=True)
+class TilePlan:
+    """What the kernels derive from a layout once per forward, shared by every layer and head.
+
+    ``tiles`` holds the compact tile lists of the three passes, four tensors each
+    (``full_idx, full_cnt, part_idx, part_cnt`` of :func:`tile_stats.tile_lists`): the forward
+    (query-major, ``block_m x block_n``), dK/dV (key-major, ``block_m1 x block_n1``) and dQ
+    (query-major, ``block_m2 x block_n2``), all from one exact classification of the rule's mask.
+    """
+
+    config: BlockConfig
+    q_step: Tensor  # (B, Lq) int32
+    q_doc: Tensor
+    k_step: Tensor  # (B, Lk) int32
+    k_doc: Tensor
+    q_pos: Optional[Tensor]  # (B, Lq) int32, with a bias only
+    k_pos: Optional[Tensor]
+    lut_index: Optional[Tensor]  # (2 * max_distance + 1,) bucket of every clamped distance, with a bias only
+    max_distance: int
+    tiles: list[Tensor]
+
+
+def plan_tiles(q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor, cfg: BlockConfig) -> list[Tensor]:
+    """The twelve tile-list tensors of :class:`TilePlan` (exact classification, one mask for all passes)."""
+    visible = dense_pseudo_mask(k_step, k_doc, q_step=q_step, q_doc_ids=q_doc)  # (B, Lq, Lk)
+    out: list[Tensor] = []
+    for bq, bk, key_major in ((cfg.block_m, cfg.block_n, False), (cfg.block_m1, cfg.block_n1, True),
+                              (cfg.block_m2, cfg.block_n2, False)):
+        classes = tile_classes(q_step, q_doc, k_step, k_doc, bq, bk, visible=visible)  # (B, nQ, nK)
+        if key_major:
+            classes = classes.transpose(1, 2)  # (B, nK, nQ): each key tile lists its query tiles
+        out += tile_lists(classes)
+    return out
 
 
 def _placeholder(device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -615,7 +650,7 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> Tensor:
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, q_step: Tensor, q_doc: Tensor, k_step: Tensor,
               k_doc: Tensor, q_pos: Optional[Tensor], k_pos: Optional[Tensor], lut: Optional[Tensor],
-              scale: float, max_distance: int, cfg: BlockConfig) -> tuple[Tensor, Tensor]:
+              scale: float, max_distance: int, cfg: BlockConfig, tiles: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Launch the forward. Shapes as in :func:`fused_pseudo_mask_attention`; returns ``(out, lse)``."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -629,8 +664,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, q_step: Tensor, q_doc: Tensor, k_
     if not has_bias:
         q_pos = k_pos = _placeholder(q.device, torch.int32)
         lut = _placeholder(q.device, torch.float32)
-    full_idx, full_cnt, part_idx, part_cnt = _grid_lists(q_step, q_doc, k_step, k_doc, cfg.block_m, cfg.block_n,
-                                                         key_major=False)
+    full_idx, full_cnt, part_idx, part_cnt = tiles[0:4]
     n_q_tiles, n_k_tiles = full_idx.shape[1], full_idx.shape[2]
     dot_fp32, precision = _kernel_flags(q.dtype)
     _attn_fwd[(n_q_tiles, B * H)](
@@ -648,7 +682,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, q_step: Tensor, q_doc: Tensor, k_
 def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
               q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor, q_pos: Optional[Tensor],
               k_pos: Optional[Tensor], lut: Optional[Tensor], scale: float, max_distance: int,
-              cfg: BlockConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              cfg: BlockConfig, tiles: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward; returns ``(dq, dk, dv, dlut)``, ``dlut`` ``(H, 2*max_distance+1)`` fp32
     (a 0-element tensor without bias)."""
     B, H, Lq, D = q.shape
@@ -680,8 +714,7 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     common = dict(HEAD_DIM=D, MAX_DISTANCE=max_distance, HAS_BIAS=has_bias, DOT_FP32=dot_fp32,
                   PRECISION=precision)
 
-    full_idx, full_cnt, part_idx, part_cnt = _grid_lists(q_step, q_doc, k_step, k_doc, cfg.block_m1,
-                                                         cfg.block_n1, key_major=True)
+    full_idx, full_cnt, part_idx, part_cnt = tiles[4:8]
     n_k_tiles, n_q_tiles = full_idx.shape[1], full_idx.shape[2]
     _attn_bwd_dkdv[(n_k_tiles, B * H)](
         q, k, v, do, lse, delta, dk, dv, dlut_arg, q_step, q_doc, q_pos, k_step, k_doc, k_pos, lut,
@@ -691,8 +724,7 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps1, num_stages=cfg.num_stages1,
         **common,
     )
-    full_idx, full_cnt, part_idx, part_cnt = _grid_lists(q_step, q_doc, k_step, k_doc, cfg.block_m2,
-                                                         cfg.block_n2, key_major=False)
+    full_idx, full_cnt, part_idx, part_cnt = tiles[8:12]
     n_q_tiles, n_k_tiles = full_idx.shape[1], full_idx.shape[2]
     _attn_bwd_dq[(n_q_tiles, B * H)](
         q, k, v, do, lse, delta, dq, q_step, q_doc, q_pos, k_step, k_doc, k_pos, lut,
@@ -718,13 +750,15 @@ def _cfg(values: list[int]) -> BlockConfig:
 @torch.library.custom_op("pmlm::pseudo_mask_attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor,
             q_pos: Optional[Tensor], k_pos: Optional[Tensor], lut: Optional[Tensor], scale: float,
-            max_distance: int, config: list[int]) -> tuple[Tensor, Tensor]:
-    """Forward of the fused kernel: ``(out (B, H, Lq, D), lse (B, H, Lq) fp32)``."""
-    return _fwd_impl(q, k, v, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale, max_distance, _cfg(config))
+            max_distance: int, config: list[int], tiles: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Forward of the fused kernel: ``(out (B, H, Lq, D), lse (B, H, Lq) fp32)``; ``tiles`` from
+    :func:`plan_tiles`."""
+    return _fwd_impl(q, k, v, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale, max_distance, _cfg(config),
+                     tiles)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale, max_distance, config):
+def _fwd_fake(q, k, v, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale, max_distance, config, tiles):
     B, H, Lq, D = q.shape
     return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
@@ -733,38 +767,39 @@ def _fwd_fake(q, k, v, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale, m
 def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
             q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor, q_pos: Optional[Tensor],
             k_pos: Optional[Tensor], lut: Optional[Tensor], scale: float, max_distance: int,
-            config: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            config: list[int], tiles: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of the fused kernel: ``(dq, dk, dv, dlut)``."""
     return _bwd_impl(do, q, k, v, out, lse, dlse, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale,
-                     max_distance, _cfg(config))
+                     max_distance, _cfg(config), tiles)
 
 
 @_bwd_op.register_fake
 def _bwd_fake(do, q, k, v, out, lse, dlse, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale,
-              max_distance, config):
+              max_distance, config, tiles):
     dlut = (q.new_empty((q.shape[1], 2 * max_distance + 1), dtype=torch.float32) if lut is not None
             else q.new_empty((0,), dtype=torch.float32))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dlut
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale, max_distance, config = inputs
+    q, k, v, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, scale, max_distance, config, tiles = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut)
+    ctx.save_for_backward(q, k, v, out, lse, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, *tiles)
     ctx.scale, ctx.max_distance, ctx.config = scale, max_distance, config
     # An unused lse gets None instead of a materialised zero tensor: the backward then skips it.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]):
-    q, k, v, out, lse, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut = ctx.saved_tensors
+    q, k, v, out, lse, q_step, q_doc, k_step, k_doc, q_pos, k_pos, lut, *tiles = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_lse is not None:
         grad_lse = grad_lse.to(torch.float32).contiguous()  # read with lse's (B, H, Lq) contiguous offsets
     dq, dk, dv, dlut = _bwd_op(grad_out, q, k, v, out, lse, grad_lse, q_step, q_doc, k_step, k_doc, q_pos,
-                               k_pos, lut, ctx.scale, ctx.max_distance, ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None, (dlut if lut is not None else None), None, None, None
+                               k_pos, lut, ctx.scale, ctx.max_distance, ctx.config, tiles)
+    return (dq, dk, dv, None, None, None, None, None, None, (dlut if lut is not None else None), None, None, None,
+            [None] * len(tiles))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -791,9 +826,61 @@ def bias_lut(table: Tensor, max_distance: int) -> Tensor:
     max_distance]``; the kernel clamps distances into that range, where buckets no longer change.
     Differentiable: autograd scatter-adds the LUT's gradient back onto ``table``.
     """
-    rel = torch.arange(-max_distance, max_distance + 1, device=table.device)
-    index = relative_position_bucket(rel, table.shape[-1], max_distance)  # (2 * max_distance + 1,)
-    return table.float()[:, index].contiguous()
+    return table.float()[:, _lut_index(table.shape[-1], max_distance, table.device)].contiguous()
+
+
+def _lut_index(num_buckets: int, max_distance: int, device: torch.device) -> Tensor:
+    """``(2 * max_distance + 1,)`` bucket of every clamped relative distance ``-max_distance .. max_distance``."""
+    rel = torch.arange(-max_distance, max_distance + 1, device=device)
+    return relative_position_bucket(rel, num_buckets, max_distance)
+
+
+def make_plan(
+    step: Tensor,
+    doc_ids: Optional[Tensor],
+    position_bias: Optional[RelativePositionBias],
+    config: BlockConfig,
+    *,
+    q_step: Optional[Tensor] = None,
+    q_doc_ids: Optional[Tensor] = None,
+    num_heads: Optional[int] = None,
+) -> TilePlan:
+    """Validate a layout for the kernels and build its :class:`TilePlan` (once per forward).
+
+    Shapes as in :func:`fused_pseudo_mask_attention`; ``num_heads`` (when given) is checked
+    against the bias table.
+    """
+    qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
+    B, Lk = ks.shape
+    Lq = qs.shape[1]
+    device = ks.device
+    ks = _check_meta("step", ks, (B, Lk), device)
+    kd = _check_meta("doc_ids", kd, (B, Lk), device)
+    qs = _check_meta("q_step", qs, (B, Lq), device)
+    qd = _check_meta("q_doc_ids", qd, (B, Lq), device)
+    q_pos = k_pos = lut_index = None
+    max_distance = 1
+    if position_bias is not None:
+        if not isinstance(position_bias, RelativePositionBias):
+            raise TypeError(f"position_bias must be a RelativePositionBias, got {type(position_bias).__name__}")
+        table = position_bias.table
+        if table.dim() != 2 or (num_heads is not None and table.shape[0] != num_heads):
+            raise ValueError(f"bias table has shape {tuple(table.shape)}; expected (H={num_heads}, num_buckets)")
+        if table.shape[1] < 2 or table.shape[1] % 2:
+            raise ValueError(f"bias table has {table.shape[1]} buckets; expected an even number >= 2")
+        max_distance = int(position_bias.max_distance)
+        if max_distance < 1:
+            raise ValueError(f"position_bias.max_distance={max_distance}: expected >= 1")
+        k_pos = _check_meta("position_ids", position_bias.position_ids, (B, Lk), device)
+        if position_bias.q_position_ids is None:
+            if Lq != Lk:
+                raise ValueError("position_bias.q_position_ids is required when queries and keys differ in length")
+            q_pos = k_pos
+        else:
+            q_pos = _check_meta("q_position_ids", position_bias.q_position_ids, (B, Lq), device)
+        lut_index = _lut_index(table.shape[-1], max_distance, device)
+    return TilePlan(config=config, q_step=qs, q_doc=qd, k_step=ks, k_doc=kd, q_pos=q_pos, k_pos=k_pos,
+                    lut_index=lut_index, max_distance=max_distance, tiles=plan_tiles(qs, qd, ks, kd, config))
 
 
 def fused_pseudo_mask_attention(
@@ -809,6 +896,7 @@ def fused_pseudo_mask_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     config: Optional[BlockConfig] = None,
+    plan: Optional[TilePlan] = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Pseudo-mask attention with the fused Triton kernels (differentiable in q, k, v and the bias table).
 
@@ -823,6 +911,8 @@ def fused_pseudo_mask_attention(
         return_lse: also return the ``(B, H, Lq)`` fp32 natural-log log-sum-exp of the scores
             (``-inf`` on rows with no visible key); it is differentiable too.
         config: block sizes; default :func:`default_config` of ``D`` and the dtype.
+        plan: the layout's :class:`TilePlan` from :func:`make_plan` (the backend builds it once
+            per forward); built here when None or made for other block sizes.
     Returns:
         ``out (B, H, Lq, D)`` in q's dtype (rows with no visible key are 0), and ``lse`` if asked.
     """
@@ -847,38 +937,22 @@ def fused_pseudo_mask_attention(
     if config is not None and not isinstance(config, BlockConfig):
         raise TypeError(f"config must be a BlockConfig, got {type(config).__name__}")
     cfg = default_config(D, q.dtype) if config is None else config
-    if position_bias is not None and not isinstance(position_bias, RelativePositionBias):
-        raise TypeError(f"position_bias must be a RelativePositionBias, got {type(position_bias).__name__}")
     if q_step is None and Lq != Lk:
         raise ValueError(f"queries ({Lq}) and keys ({Lk}) differ in length: pass q_step (and q_doc_ids)")
-    qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
-    ks = _check_meta("step", ks, (B, Lk), q.device)
-    kd = _check_meta("doc_ids", kd, (B, Lk), q.device)
-    qs = _check_meta("q_step", qs, (B, Lq), q.device)
-    qd = _check_meta("q_doc_ids", qd, (B, Lq), q.device)
+    if plan is None or plan.config != cfg:
+        plan = make_plan(step, doc_ids, position_bias, cfg, q_step=q_step, q_doc_ids=q_doc_ids, num_heads=H)
+    if plan.k_step.shape != (B, Lk) or plan.q_step.shape != (B, Lq) or plan.k_step.device != q.device:
+        raise ValueError(f"the layout's shape (B, Lq, Lk) = {(B, *plan.q_step.shape[1:], *plan.k_step.shape[1:])} "
+                         f"on {plan.k_step.device} does not match q {tuple(q.shape)} and k {tuple(k.shape)} on "
+                         f"{q.device}: step is (B, Lk), q_step (B, Lq), all on q's device")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-
-    q_pos = k_pos = lut = None
-    max_distance = 1
+    lut = None
     if position_bias is not None:
-        table = position_bias.table
-        if table.dim() != 2 or table.shape[0] != H:
-            raise ValueError(f"bias table has shape {tuple(table.shape)}; expected (H={H}, num_buckets)")
-        if table.shape[1] < 2 or table.shape[1] % 2:
-            raise ValueError(f"bias table has {table.shape[1]} buckets; expected an even number >= 2")
-        max_distance = int(position_bias.max_distance)
-        if max_distance < 1:
-            raise ValueError(f"position_bias.max_distance={max_distance}: expected >= 1")
-        k_pos = _check_meta("position_ids", position_bias.position_ids, (B, Lk), q.device)
-        if position_bias.q_position_ids is None:
-            if Lq != Lk:
-                raise ValueError("position_bias.q_position_ids is required when queries and keys differ in length")
-            q_pos = k_pos
-        else:
-            q_pos = _check_meta("q_position_ids", position_bias.q_position_ids, (B, Lq), q.device)
-        lut = bias_lut(table, max_distance)
+        # Differentiable gather: autograd scatter-adds the LUT's gradient back onto the table.
+        lut = position_bias.table.float()[:, plan.lut_index].contiguous()  # (H, 2 * max_distance + 1)
     config_values = [getattr(cfg, f) for f in _CFG_FIELDS]
-    out, lse = _fwd_op(q, k, v, qs, qd, ks, kd, q_pos, k_pos, lut, scale, max_distance, config_values)
+    out, lse = _fwd_op(q, k, v, plan.q_step, plan.q_doc, plan.k_step, plan.k_doc, plan.q_pos, plan.k_pos, lut, scale,
+                       plan.max_distance, config_values, plan.tiles)
     return (out, lse) if return_lse else out
 
 
@@ -922,18 +996,29 @@ def unavailable() -> Optional[str]:
             "TRITON_INTERPRET=1 before importing triton to run the kernels interpreted on the CPU (slow)")
 
 
-def _backend(q: Tensor, k: Tensor, v: Tensor, step: Tensor, doc_ids: Optional[Tensor],
-             bias: Optional[RelativePositionBias], scale: float, dropout_p: float, q_step: Optional[Tensor],
-             q_doc_ids: Optional[Tensor]) -> Tensor:
-    """``pmlm_engine.attention`` backend signature."""
-    if dropout_p > 0:
-        raise ValueError(f"dropout_p={dropout_p}: the triton backend does not implement attention dropout; "
-                         "use backend='sdpa' (or 'auto', which picks it) or set attention_dropout=0")
-    return fused_pseudo_mask_attention(q, k, v, step, doc_ids, bias, q_step=q_step, q_doc_ids=q_doc_ids,
-                                       scale=scale)
+class TritonBackend:
+    """The ``triton`` attention backend (``pmlm_engine.attention`` registers :data:`BACKEND`)."""
+
+    name = "triton"
+
+    def unavailable(self) -> Optional[str]:
+        return unavailable()
+
+    def prepare(self, layout: AttentionLayout) -> TilePlan:
+        """Validated int32 metadata, the bias LUT index and the exact tile lists of all three passes,
+        for the block sizes of the layout's head dim and dtype."""
+        return make_plan(layout.step, layout.doc_ids, layout.bias, default_config(layout.head_dim, layout.dtype),
+                         q_step=layout.q_step, q_doc_ids=layout.q_doc_ids, num_heads=layout.num_heads)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, scale: float) -> Tensor:
+        if layout.dropout_p > 0:
+            raise ValueError(f"dropout_p={layout.dropout_p}: the triton backend does not implement attention "
+                             "dropout; use backend='sdpa' (or 'auto', which picks it) or set attention_dropout=0")
+        return fused_pseudo_mask_attention(q, k, v, layout.step, layout.doc_ids, layout.bias, q_step=layout.q_step,
+                                           q_doc_ids=layout.q_doc_ids, scale=scale, plan=layout.prepared)
 
 
-register_backend("triton", _backend, unavailable)
+BACKEND = TritonBackend()
 
-__all__ = ["BlockConfig", "DEFAULT_CONFIGS", "FP32_CONFIGS", "INTERPRETED", "bias_lut", "default_config",
+__all__ = ["BACKEND", "BlockConfig", "TilePlan", "make_plan", "plan_tiles", "DEFAULT_CONFIGS", "FP32_CONFIGS", "INTERPRETED", "bias_lut", "default_config",
            "flop_model", "fused_pseudo_mask_attention", "unavailable"]

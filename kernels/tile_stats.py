@@ -1,22 +1,21 @@
-"""Tile classification of the pseudo-mask (PMLM.md section 3) and the FLOP model built on it.
+"""Tile classification of the pseudo-mask (``docs/kernels.md``) and the FLOP model built on it.
 
-The fused kernel (:mod:`pseudo_mask_attention`) never sees an ``(L, L)`` mask. Instead a small
-torch pre-pass summarises every block of ``block`` tokens by a handful of integers (min/max of
-the step, of the document, whether any token is padding) and classifies every
-(query tile, key tile) pair as
+The fused kernel (:mod:`pseudo_mask_attention`) never sees an ``(L, L)`` mask. Instead, once per
+forward, every (query tile, key tile) is classified as
 
-* ``EMPTY``   (0): provably no (query, key) pair of the tile is visible -> skipped;
-* ``PARTIAL`` (1): maybe some pairs are visible -> computed with the mask applied;
-* ``FULL``    (2): provably every pair is visible -> computed without any mask.
+* ``EMPTY``   (0): no (query, key) pair of the tile is visible -> never visited;
+* ``PARTIAL`` (1): some pairs are visible -> computed with the mask applied;
+* ``FULL``    (2): every pair is visible -> computed without any mask or bounds check.
 
-The classification is conservative by construction: ``FULL`` and ``EMPTY`` are proofs from the
-summaries, everything else is ``PARTIAL``. Cost: O(B * L) for the summaries plus
-O(B * (L / block_m) * (L / block_n)) for the classes.
+:func:`tile_classes` is exact: it reduces the rule's ``(B, Lq, Lk)`` boolean mask to any / all
+per tile, a few bit operations per pair, once per batch, shared by every layer and head.
+:func:`summary_tile_classes` is the earlier conservative classifier (proofs from per-tile
+min/max summaries, no pair examined), kept as the benchmark's baseline and a cross-check.
 
-The rule restated for tiles. Write ``c(q) = w_q`` if ``w_q >= 0`` else ``-w_q - 1`` (the largest
-non-negative key step query ``q`` may see). Then a key with ``w_k >= 0`` is visible iff
-``w_k <= c(q)`` ("context" part), a key with ``w_k < 0`` iff ``w_k == w_q`` ("same-step" part),
-and in both cases the documents must agree and the key must not be padding.
+The summary classifier restates the rule for tiles. Write ``c(q) = w_q`` if ``w_q >= 0`` else
+``-w_q - 1`` (the largest non-negative key step query ``q`` may see). Then a key with ``w_k >= 0``
+is visible iff ``w_k <= c(q)`` ("context" part), a key with ``w_k < 0`` iff ``w_k == w_q``
+("same-step" part), and in both cases the documents must agree and the key must not be padding.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from pmlm_engine.mask_rule import check_layout, dense_pseudo_mask, resolve_layout
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -107,50 +108,7 @@ def _key_tiles(step: Tensor, doc: Tensor, block: int) -> _KeyTiles:
     )
 
 
-def resolve_layout(
-    step: Tensor,
-    doc_ids: Optional[Tensor],
-    q_step: Optional[Tensor],
-    q_doc_ids: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fill in the defaults of ``pseudo_mask_attention``'s layout arguments.
-
-    Returns ``(q_step, q_doc, k_step, k_doc)``: ``(B, Lq)`` and ``(B, Lk)`` integer tensors, with
-    one document (all zeros) when ``doc_ids`` is None and the keys' metadata for the queries when
-    ``q_step`` is None.
-    """
-    _check_layout("step", step, doc_ids)
-    k_doc = torch.zeros_like(step) if doc_ids is None else doc_ids
-    if q_step is None:
-        if q_doc_ids is not None:
-            raise ValueError("q_doc_ids was given without q_step: pass both (decoding) or neither")
-        return step, k_doc, step, k_doc
-    _check_layout("q_step", q_step, q_doc_ids)
-    if q_step.shape[0] != step.shape[0]:
-        raise ValueError(f"q_step has batch {q_step.shape[0]} but step has batch {step.shape[0]}")
-    if q_doc_ids is None:
-        if doc_ids is None:
-            return q_step, torch.zeros_like(q_step), step, k_doc
-        if q_step.shape != step.shape:
-            raise ValueError(f"q_doc_ids is required when doc_ids is given and queries ({q_step.shape[1]}) "
-                             f"and keys ({step.shape[1]}) differ in length")
-        return q_step, k_doc, step, k_doc
-    if doc_ids is None:
-        raise ValueError("q_doc_ids was given without doc_ids: pass the keys' doc_ids too")
-    return q_step, q_doc_ids, step, k_doc
-
-
-def _check_layout(name: str, step: Tensor, doc: Optional[Tensor]) -> None:
-    for what, t in ((name, step), ("doc ids", doc)):
-        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-            raise TypeError(f"{what} must be an integer tensor; got {t.dtype}: pass the layout's int64 ids")
-    if step.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, L); got {tuple(step.shape)}")
-    if doc is not None and doc.shape != step.shape:
-        raise ValueError(f"doc ids of shape {tuple(doc.shape)} do not match {name} of shape {tuple(step.shape)}")
-
-
-def tile_classes(
+def summary_tile_classes(
     q_step: Tensor,
     q_doc: Tensor,
     k_step: Tensor,
@@ -158,7 +116,13 @@ def tile_classes(
     block_m: int,
     block_n: int,
 ) -> Tensor:
-    """Class of every (query tile, key tile): ``EMPTY``, ``PARTIAL`` or ``FULL``.
+    """Conservative class of every (query tile, key tile) from per-tile summaries.
+
+    The classifier the kernels used before :func:`tile_classes`: ``FULL`` and ``EMPTY`` are proofs
+    from min/max summaries of each tile's step and document ids, anything else is ``PARTIAL``.
+    O(B * L) summaries plus O(B * nQ * nK) comparisons, no pair is examined; on packed rows it
+    leaves some tiles without a visible pair ``PARTIAL``. Kept as the benchmark's baseline and
+    as an independent cross-check (the exact classes must refine it).
 
     Args:
         q_step, q_doc: ``(B, Lq)`` step and document (-1 = padding) of every query.
@@ -167,8 +131,8 @@ def tile_classes(
     Returns:
         ``(B, ceil(Lq / block_m), ceil(Lk / block_n))`` int8.
     """
-    _check_layout("q_step", q_step, q_doc)
-    _check_layout("k_step", k_step, k_doc)
+    check_layout("q_step", q_step, q_doc)
+    check_layout("k_step", k_step, k_doc)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: expected a positive int")
@@ -202,6 +166,61 @@ def tile_classes(
     classes[nonempty] = PARTIAL
     classes[full & nonempty] = FULL
     return classes
+
+
+def tile_any_all(visible: Tensor, block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
+    """Per tile, whether any and whether all of its ``block_m x block_n`` pairs are visible.
+
+    Args:
+        visible: ``(B, Lq, Lk)`` bool, the rule's mask (``dense_pseudo_mask``).
+    Returns:
+        ``any, all``: ``(B, ceil(Lq / block_m), ceil(Lk / block_n))`` bool. Pairs past the end of
+        the sequence count as not visible (a tile that overhangs it is never all-visible, so the
+        kernels' unmasked path never reads out of bounds).
+    """
+    B, Lq, Lk = visible.shape
+    nq, nk = -(-Lq // block_m), -(-Lk // block_n)
+    if nq * block_m != Lq or nk * block_n != Lk:
+        visible = torch.nn.functional.pad(visible, (0, nk * block_n - Lk, 0, nq * block_m - Lq), value=False)
+    tiles = visible.view(B, nq, block_m, nk, block_n)
+    return tiles.any(dim=4).any(dim=2), tiles.all(dim=4).all(dim=2)
+
+
+def tile_classes(
+    q_step: Tensor,
+    q_doc: Tensor,
+    k_step: Tensor,
+    k_doc: Tensor,
+    block_m: int,
+    block_n: int,
+    *,
+    visible: Optional[Tensor] = None,
+) -> Tensor:
+    """Exact class of every (query tile, key tile): ``EMPTY`` (no visible pair), ``FULL`` (every
+    pair visible, tile inside the sequence) or ``PARTIAL`` (the rest).
+
+    The kernels compute only tiles with a visible pair and apply the mask only on ``PARTIAL``
+    ones. One pass over the ``(B, Lq, Lk)`` mask (a few bit operations per pair), done once per
+    forward and shared by every layer and head (``docs/kernels.md``).
+
+    Args:
+        q_step, q_doc: ``(B, Lq)`` step and document (-1 = padding) of every query.
+        k_step, k_doc: ``(B, Lk)`` the same for every key.
+        block_m, block_n: query and key tile sizes.
+        visible: the rule's ``(B, Lq, Lk)`` mask when the caller has it (several tile sizes of
+            one layout share it); computed here otherwise.
+    Returns:
+        ``(B, ceil(Lq / block_m), ceil(Lk / block_n))`` int8.
+    """
+    check_layout("q_step", q_step, q_doc)
+    check_layout("k_step", k_step, k_doc)
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+    if visible is None:
+        visible = dense_pseudo_mask(k_step, k_doc, q_step=q_step, q_doc_ids=q_doc)
+    any_, all_ = tile_any_all(visible, block_m, block_n)
+    return any_.to(torch.int8) + all_.to(torch.int8)  # EMPTY 0, PARTIAL 1, FULL 2 (all implies any)
 
 
 def tile_lists(classes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -270,6 +289,7 @@ def tile_stats(
     *,
     q_step: Optional[Tensor] = None,
     q_doc_ids: Optional[Tensor] = None,
+    method: str = "exact",
 ) -> TileStats:
     """The FLOP model: tile counts of a layout at the given block sizes.
 
@@ -278,12 +298,18 @@ def tile_stats(
         doc_ids: ``(B, Lk)`` document per key, -1 for padding; None for one document per row.
         block_m, block_n: query and key tile sizes of the kernel pass to model.
         q_step, q_doc_ids: ``(B, Lq)`` the queries' own metadata when they differ from the keys.
+        method: ``"exact"`` (:func:`tile_classes`, what the kernels use) or ``"summary"``
+            (:func:`summary_tile_classes`, the earlier conservative classifier).
     """
-    from pmlm_engine.attention import dense_pseudo_mask
-
     qs, qd, ks, kd = resolve_layout(step, doc_ids, q_step, q_doc_ids)
-    classes = tile_classes(qs, qd, ks, kd, block_m, block_n)
+    if method not in ("exact", "summary"):
+        raise ValueError(f"method={method!r}: choose 'exact' or 'summary'")
+    mask = dense_pseudo_mask(ks, kd, q_step=qs, q_doc_ids=qd)
+    if method == "exact":
+        classes = tile_classes(qs, qd, ks, kd, block_m, block_n, visible=mask)
+    else:
+        classes = summary_tile_classes(qs, qd, ks, kd, block_m, block_n)
     counts = torch.bincount(classes.flatten().long(), minlength=3).tolist()
-    visible = int(dense_pseudo_mask(ks, kd, q_step=qs, q_doc_ids=qd).sum())
+    visible = int(mask.sum())
     return TileStats(block_m=block_m, block_n=block_n, empty=counts[EMPTY], partial=counts[PARTIAL],
                      full=counts[FULL], visible_pairs=visible, dense_pairs=qs.numel() * step.shape[-1])

@@ -7,15 +7,13 @@ The extension reproduces :func:`pmlm_engine.layout.build_example_python` draw fo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from .config import MaskingConfig
-
-if TYPE_CHECKING:
-    from .layout import Example, SpecialIds
+from .example import Example, SpecialIds
 
 _C: Any = None
 _ERROR: str | None = None
@@ -62,8 +60,6 @@ def _config_args(cfg: MaskingConfig, special: SpecialIds) -> tuple[Any, ...]:
 
 
 def _example(result: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]) -> Example:
-    from .layout import Example
-
     ids, pos, seg, step, labels, num_main = result
     return Example(input_ids=ids, position_ids=pos, segment_ids=seg, step=step, labels=labels,
                    num_main=int(num_main))

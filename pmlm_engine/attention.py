@@ -1,218 +1,232 @@
-"""Pseudo-mask attention: the rule of PMLM.md section 3 and the one function all attention goes through.
+"""Pseudo-mask attention: the dispatcher every attention call goes through.
 
-The rule, in the per-token weight ``w = step`` (0 main, ``+s`` ORIGINAL, ``-s`` PSEUDO):
+The rule itself lives in :mod:`pmlm_engine.mask_rule` (``docs/attention.md`` explains it);
+the relative position bias in :mod:`pmlm_engine.position_bias`; the backend contract
+(:class:`~pmlm_engine.attention_api.AttentionBackend`, :class:`~pmlm_engine.attention_api.AttentionLayout`)
+in :mod:`pmlm_engine.attention_api`.
 
-* ``w_q >= 0``: the key is visible iff ``0 <= w_k <= w_q``;
-* ``w_q <  0``: the key is visible iff ``0 <= w_k < -w_q`` or ``w_k == w_q``;
-* and both tokens carry the same ``doc_id``; keys with ``doc_id == -1`` (padding) are never visible.
+Two entry points:
 
-:func:`dense_pseudo_mask` is the one place that states it in torch. The fused kernel
-(``kernels/``) restates it in Triton and is tested against this function.
+* per forward pass: :func:`build_layout` validates the metadata once, resolves the backend
+  once and lets it prepare what all layers share; each layer then calls :func:`attend`;
+* one-off: :func:`pseudo_mask_attention` does both for a single call (tests, benchmarks).
 
-Fully masked query rows (padding queries) return zeros in every backend.
+Backends. The dispatcher imports and registers its backends itself, by name:
+
+* ``reference``, ``sdpa`` (:mod:`pmlm_engine.dense_attention`), ``torch``
+  (:mod:`pmlm_engine.structured_attention`): torch only, always available;
+* optional backends, listed in :data:`OPTIONAL_BACKENDS` as ``name: (package, module, fix)``:
+  imported on first dispatch; only a missing ``package`` (``ModuleNotFoundError`` naming it)
+  makes the backend unavailable, with the reason shown by ``available_backends(reasons=True)``;
+  any other import error is raised. ``module`` defines ``BACKEND``, an object satisfying
+  ``AttentionBackend`` (``name``, ``unavailable()``, ``prepare(layout)``,
+  ``attend(q, k, v, layout, scale)``). To add a backend, add one line to :data:`OPTIONAL_BACKENDS`.
+
+:func:`register_backend` / :func:`unregister_backend` add and remove other backends at run
+time (tests register mask-checking backends this way and remove them afterwards).
+
+``auto`` picks ``triton`` on CUDA, else ``torch``; ``sdpa`` when attention dropout is on (the
+only backend with dropout). When its first choice is unavailable it logs one line saying why.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
 import logging
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from . import dense_attention, structured_attention
+from .attention_api import AttentionBackend, AttentionLayout
+from .mask_rule import dense_pseudo_mask, resolve_layout
+from .position_bias import RelativePositionBias, bucket_lut, relative_position_bucket
+
+__all__ = [
+    "OPTIONAL_BACKENDS",
+    "AttentionBackend",
+    "AttentionLayout",
+    "RelativePositionBias",
+    "attend",
+    "available_backends",
+    "bucket_lut",
+    "build_layout",
+    "dense_pseudo_mask",
+    "pseudo_mask_attention",
+    "register_backend",
+    "relative_position_bucket",
+    "resolve_backend",
+    "unregister_backend",
+]
 
 log = logging.getLogger(__name__)
 
+OPTIONAL_BACKENDS: dict[str, tuple[str, str, str]] = {
+    "triton": ("triton", "pmlm_engine.kernels.pseudo_mask_attention",
+               "install it with `pip install triton==3.7.1` (the version torch 2.13 pairs with)"),
+    # Needs only torch; its kernels come from pmlm_engine._cuda_emu / _cuda_attention or a JIT build,
+    # and CudaBackend.unavailable() says which is missing.
+    "cuda": ("torch", "pmlm_engine.cuda_attention", "reinstall torch"),
+}
+"""Backends that need a package torch does not bring: ``name: (package, module, fix)``."""
 
-# ---------------------------------------------------------------------------------------------
-# The mask rule
-
-
-def dense_pseudo_mask(
-    step: Tensor,
-    doc_ids: Optional[Tensor] = None,
-    *,
-    q_step: Optional[Tensor] = None,
-    q_doc_ids: Optional[Tensor] = None,
-) -> Tensor:
-    """Boolean ``(..., Lq, Lk)`` mask, True where query ``q`` may attend key ``k``.
-
-    Args:
-        step: ``(..., Lk)`` signed step of every key (and of every query when ``q_step`` is None).
-        doc_ids: ``(..., Lk)`` document of every key, -1 for padding; None means one document.
-        q_step, q_doc_ids: ``(..., Lq)`` the queries' own metadata, for queries that are a
-            subset of the keys (incremental decoding). Default: the keys'.
-    """
-    if q_step is None:
-        q_step = step
-    wq = q_step.unsqueeze(-1)  # (..., Lq, 1)
-    wk = step.unsqueeze(-2)  # (..., 1, Lk)
-    key_is_context = wk >= 0
-    visible = torch.where(
-        wq >= 0,
-        key_is_context & (wk <= wq),
-        (key_is_context & (wk < -wq)) | (wk == wq),
-    )
-    if doc_ids is not None:
-        if q_doc_ids is None:
-            q_doc_ids = doc_ids
-        dk = doc_ids.unsqueeze(-2)
-        visible = visible & (q_doc_ids.unsqueeze(-1) == dk) & (dk >= 0)
-    return visible
-
-
-# ---------------------------------------------------------------------------------------------
-# Relative position bias (T5 style, bidirectional, from position ids)
-
-
-@functools.lru_cache(maxsize=None)
-def bucket_lut(num_buckets: int, max_distance: int) -> tuple[int, ...]:
-    """Bucket of every distance ``0 .. max_distance`` for one direction (``num_buckets // 2``
-    buckets). This is T5's float32 formula evaluated once per integer distance, so every
-    implementation (torch, Triton) agrees exactly, including at the boundaries 16, 32, 64
-    where the formula's logarithm lands on an integer."""
-    half = num_buckets // 2
-    max_exact = half // 2
-    n = torch.arange(max_distance + 1)
-    large = max_exact + (torch.log(n.clamp(min=1).float() / max_exact)
-                         / math.log(max_distance / max_exact) * (half - max_exact)).long()
-    return tuple(torch.where(n < max_exact, n, large.clamp(max=half - 1)).tolist())
-
-
-def relative_position_bucket(relative_position: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
-    """T5 bidirectional bucket of ``relative_position = pos_k - pos_q`` (any integer shape)."""
-    half = num_buckets // 2
-    lut = torch.tensor(bucket_lut(num_buckets, max_distance), device=relative_position.device)
-    n = relative_position.abs().clamp(max=max_distance)
-    return lut[n] + (relative_position > 0).long() * half
-
-
-@dataclass(frozen=True)
-class RelativePositionBias:
-    """What a backend needs to add the relative position bias itself.
-
-    ``table`` is the ``(H, num_buckets)`` parameter shared by all layers; the bias of
-    query ``q`` and key ``k`` in head ``h`` is ``table[h, bucket(pos_k - pos_q)]``.
-    """
-
-    table: Tensor  # (H, num_buckets)
-    position_ids: Tensor  # (B, Lk) key positions
-    q_position_ids: Optional[Tensor] = None  # (B, Lq); default: the keys'
-    max_distance: int = 128
-
-    @property
-    def num_buckets(self) -> int:
-        return self.table.shape[-1]
-
-    def buckets(self) -> Tensor:
-        """``(B, Lq, Lk)`` bucket indices."""
-        q_pos = self.position_ids if self.q_position_ids is None else self.q_position_ids
-        rel = self.position_ids.unsqueeze(-2) - q_pos.unsqueeze(-1)
-        return relative_position_bucket(rel, self.num_buckets, self.max_distance)
-
-    def dense(self) -> Tensor:
-        """The materialised ``(B, H, Lq, Lk)`` bias (reference backends only)."""
-        return self.table[:, self.buckets()].permute(1, 0, 2, 3)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends
-
-
-def _reference(q, k, v, mask, bias, scale, dropout_p):
-    """Plain math in the inputs' dtype: scores, masked softmax, weighted sum."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
-    if bias is not None:
-        scores = scores + bias.dense().to(scores.dtype)
-    mask = mask.unsqueeze(1)  # (B, 1, Lq, Lk)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).min)
-    p = torch.exp(scores - row_max) * mask
-    denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    if dropout_p > 0:
-        p = F.dropout(p, dropout_p)
-    return torch.matmul(p, v)
-
-
-def _sdpa(q, k, v, mask, bias, scale, dropout_p):
-    """torch's scaled_dot_product_attention with a dense mask (and the bias as an additive mask)."""
-    has_key = mask.any(dim=-1, keepdim=True)  # (B, Lq, 1)
-    # SDPA returns NaN on rows with no visible key: open them, then zero their output.
-    mask = mask | ~has_key
-    mask = mask.unsqueeze(1)
-    if bias is not None:
-        attn_mask = bias.dense().to(q.dtype).masked_fill(~mask, float("-inf"))
-    else:
-        attn_mask = mask
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    return out * has_key.unsqueeze(1).to(out.dtype)
-
-
-Backend = Callable[..., Tensor]
-# name -> implementation taking (q, k, v, step, doc_ids, bias, scale, dropout_p, q_step, q_doc_ids)
-_BACKENDS: dict[str, Backend] = {}
-_UNAVAILABLE: dict[str, Callable[[], Optional[str]]] = {}
-
-
-def register_backend(name: str, fn: Backend, unavailable: Callable[[], Optional[str]] = lambda: None) -> None:
-    """Add a backend. ``unavailable()`` returns None when usable, else why not and the fix."""
-    _BACKENDS[name] = fn
-    _UNAVAILABLE[name] = unavailable
-
-
-def _dense_backend(impl):
-    def run(q, k, v, step, doc_ids, bias, scale, dropout_p, q_step, q_doc_ids):
-        mask = dense_pseudo_mask(step, doc_ids, q_step=q_step, q_doc_ids=q_doc_ids)
-        return impl(q, k, v, mask, bias, scale, dropout_p)
-    return run
-
-
-register_backend("reference", _dense_backend(_reference))
-register_backend("sdpa", _dense_backend(_sdpa))
-
+_BACKENDS: dict[str, AttentionBackend] = {}
+_MISSING: dict[str, str] = {}  # optional backend -> why its package is missing
+_optional_loaded = False
 _auto_logged: set[str] = set()
 
 
-def available_backends() -> list[str]:
-    _load_optional_backends()
-    return [name for name in _BACKENDS if _UNAVAILABLE[name]() is None]
+def register_backend(backend: AttentionBackend) -> None:
+    """Make ``backend`` selectable by ``backend.name`` (replacing one of that name)."""
+    if not isinstance(backend, AttentionBackend):
+        raise TypeError(f"{backend!r} does not implement AttentionBackend (name, unavailable, prepare, attend)")
+    if backend.name == "auto":
+        raise ValueError("'auto' is reserved for the dispatcher's choice")
+    _BACKENDS[backend.name] = backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove the backend ``name`` (no error if absent)."""
+    _BACKENDS.pop(name, None)
+
+
+for _builtin in (dense_attention.REFERENCE, dense_attention.SDPA, structured_attention.BACKEND):
+    register_backend(_builtin)
 
 
 def _load_optional_backends() -> None:
-    """Optional backends register themselves on import; import failures leave them out."""
-    for module in ("pmlm_engine.structured_attention", "pmlm_engine.kernels"):
+    """Import the optional backends once; only their missing package makes them unavailable."""
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    for name, (package, module, fix) in OPTIONAL_BACKENDS.items():
         try:
-            __import__(module)
-        except ImportError:
-            pass
+            importlib.import_module(package)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or (exc.name != package and not package.startswith(exc.name + ".")):
+                raise  # the package is there but something it needs is not: a broken install
+            _MISSING[name] = f"the {package!r} package is not installed: {fix}"
+            continue
+        register_backend(importlib.import_module(module).BACKEND)
+    _optional_loaded = True
+
+
+def _why_unavailable(name: str) -> Optional[str]:
+    if name in _MISSING:
+        return _MISSING[name]
+    if name not in _BACKENDS:
+        return "not registered"
+    return _BACKENDS[name].unavailable()
+
+
+def available_backends(reasons: bool = False) -> list[str] | dict[str, Optional[str]]:
+    """The backends that can run here; with ``reasons=True``, every known backend mapped to None
+    (available) or why it is not and the fix."""
+    _load_optional_backends()
+    status = {name: _why_unavailable(name) for name in [*_BACKENDS, *_MISSING]}
+    if reasons:
+        return status
+    return [name for name, why in status.items() if why is None]
 
 
 def resolve_backend(backend: str, device: torch.device, dropout_p: float = 0.0) -> str:
-    """The backend ``pseudo_mask_attention`` will run for this request (``auto`` resolved)."""
+    """The backend a request runs on (``auto`` resolved).
+
+    Raises:
+        ValueError: unknown name. RuntimeError: the named backend cannot run here (says why).
+    """
     _load_optional_backends()
     if backend == "auto":
         preferred = ["triton", "torch", "sdpa"] if device.type == "cuda" else ["torch", "sdpa"]
         if dropout_p > 0:
             preferred = ["sdpa"]
         for name in preferred:
-            if name in _BACKENDS and _UNAVAILABLE[name]() is None:
+            if _why_unavailable(name) is None:
                 if name != preferred[0] and device.type not in _auto_logged:
-                    why = _UNAVAILABLE.get(preferred[0], lambda: "not installed")() or "not installed"
                     log.info("attention backend auto on %s: %s unavailable (%s); using %s",
-                             device.type, preferred[0], why, name)
+                             device.type, preferred[0], _why_unavailable(preferred[0]), name)
                     _auto_logged.add(device.type)
                 return name
-        return "sdpa"
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}: choose 'auto' or one of {sorted(_BACKENDS)}")
-    why = _UNAVAILABLE[backend]()
+        raise RuntimeError(f"no attention backend can run on {device.type}: "
+                           f"{available_backends(reasons=True)}")
+    if backend not in _BACKENDS and backend not in _MISSING:
+        raise ValueError(f"unknown attention backend {backend!r}: choose 'auto' or one of "
+                         f"{sorted([*_BACKENDS, *_MISSING])}")
+    why = _why_unavailable(backend)
     if why is not None:
         raise RuntimeError(f"attention backend {backend!r} is unavailable: {why}")
     return backend
+
+
+def build_layout(
+    step: Tensor,
+    doc_ids: Optional[Tensor] = None,
+    position_bias: Optional[RelativePositionBias] = None,
+    backend: str = "auto",
+    *,
+    q_step: Optional[Tensor] = None,
+    q_doc_ids: Optional[Tensor] = None,
+    num_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    dropout_p: float = 0.0,
+) -> AttentionLayout:
+    """The attention layout of one forward pass, shared by all its layers.
+
+    Validates the metadata, resolves ``backend`` and runs its ``prepare`` once.
+
+    Args:
+        step: ``(B, Lk)`` signed step per key (per query too when ``q_step`` is None).
+        doc_ids: ``(B, Lk)`` document per key, -1 for padding; None for one document per row.
+        position_bias: the relative position bias, added inside the backend.
+        backend: ``auto`` or a registered name (``reference``, ``sdpa``, ``torch``, ``triton``, ...).
+        q_step, q_doc_ids: ``(B, Lq)`` for queries that are not the keys (decoding).
+        num_heads, head_dim, dtype: of the q, k, v the layers will pass (dtype under autocast:
+            the autocast dtype); backends size their tiles by them.
+        dropout_p: attention dropout of this forward.
+    """
+    resolved = resolve_layout(step, doc_ids, q_step, q_doc_ids)
+    if position_bias is not None:
+        table = position_bias.table
+        if table.dim() != 2 or table.shape[0] != num_heads:
+            raise ValueError(f"position_bias.table has shape {tuple(table.shape)}; expected "
+                             f"(num_heads={num_heads}, num_buckets)")
+        if position_bias.position_ids.shape != step.shape:
+            raise ValueError(f"position_bias.position_ids has shape {tuple(position_bias.position_ids.shape)}; "
+                             f"expected (B, Lk) = {tuple(step.shape)}")
+        q_pos = position_bias.q_position_ids
+        if q_pos is None and q_step is not None and q_step.shape != step.shape:
+            raise ValueError("position_bias.q_position_ids is required when queries and keys differ in length")
+        if q_pos is not None and q_pos.shape != resolved[0].shape:
+            raise ValueError(f"position_bias.q_position_ids has shape {tuple(q_pos.shape)}; expected (B, Lq) = "
+                             f"{tuple(resolved[0].shape)}")
+    name = resolve_backend(backend, step.device, dropout_p)
+    impl = _BACKENDS[name]
+    layout = AttentionLayout(step=step, doc_ids=doc_ids, q_step=q_step, q_doc_ids=q_doc_ids, resolved=resolved,
+                             bias=position_bias, num_heads=num_heads, head_dim=head_dim, dtype=dtype,
+                             dropout_p=dropout_p, backend_name=name, backend=impl)
+    layout.prepared = impl.prepare(layout)
+    return layout
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, scale: Optional[float] = None) -> Tensor:
+    """One layer's pseudo-mask attention under a prepared layout.
+
+    Args:
+        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``, matching the layout.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+    Returns:
+        ``(B, H, Lq, D)``; rows with no visible key are zeros.
+    """
+    B, Lq, Lk = layout.batch_size, layout.num_queries, layout.num_keys
+    if (q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != B or k.shape[0] != B
+            or q.shape[1] != k.shape[1] or q.shape[2] != Lq or k.shape[2] != Lk or q.shape[3] != k.shape[3]):
+        raise ValueError(f"expected q (B, H, Lq, D) and k, v (B, H, Lk, D) with (B, Lq, Lk) = {(B, Lq, Lk)} from "
+                         f"the layout; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return layout.backend.attend(q, k, v, layout, scale)
 
 
 def pseudo_mask_attention(
@@ -229,15 +243,11 @@ def pseudo_mask_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """Attention under the pseudo-mask rule.
+    """Attention under the pseudo-mask rule, one call (a layout built for it alone).
 
     Args:
         q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``.
-        step: ``(B, Lk)`` signed step per key (per query too when ``q_step`` is None).
-        doc_ids: ``(B, Lk)`` document per key, -1 for padding; None for one document per row.
-        position_bias: the relative position bias, added inside the backend.
-        backend: ``auto`` | ``reference`` | ``sdpa`` | ``torch`` (structured CPU path) | ``triton``.
-        q_step, q_doc_ids: ``(B, Lq)`` for queries that are not the keys (decoding).
+        step, doc_ids, position_bias, backend, q_step, q_doc_ids, dropout_p: as :func:`build_layout`.
         scale: softmax scale, default ``1 / sqrt(D)``.
     Returns:
         ``(B, H, Lq, D)``; rows with no visible key are zeros.
@@ -249,6 +259,7 @@ def pseudo_mask_attention(
         raise ValueError(f"step has shape {tuple(step.shape)}; expected (B, Lk) = {(k.shape[0], k.shape[2])}")
     if q_step is None and q.shape[2] != k.shape[2]:
         raise ValueError("q_step is required when queries and keys differ in length")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    name = resolve_backend(backend, q.device, dropout_p)
-    return _BACKENDS[name](q, k, v, step, doc_ids, position_bias, scale, dropout_p, q_step, q_doc_ids)
+    dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+    layout = build_layout(step, doc_ids, position_bias, backend, q_step=q_step, q_doc_ids=q_doc_ids,
+                          num_heads=q.shape[1], head_dim=q.shape[3], dtype=dtype, dropout_p=dropout_p)
+    return attend(q, k, v, layout, scale)

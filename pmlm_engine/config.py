@@ -18,7 +18,7 @@ def _check(cond: bool, name: str, value: Any, want: str) -> None:
 
 @dataclass
 class MaskingConfig:
-    """Blockwise masking of PMLM.md section 1 (defaults are the paper's)."""
+    """Blockwise masking of docs/layout.md (defaults are the paper's)."""
 
     mask_ratio: float = 0.15
     """Fraction of maskable tokens to mask: the loop stops once ceil(ratio * n) are masked."""
@@ -46,7 +46,7 @@ class MaskingConfig:
 
 @dataclass
 class ModelConfig:
-    """BERT-style post-LayerNorm encoder with a shared T5 relative position bias (PMLM.md section 5)."""
+    """BERT-style post-LayerNorm encoder with a shared T5 relative position bias (docs/model.md)."""
 
     vocab_size: int = 30522
     """Rows of the (tied) token embedding; must match the tokenizer."""

@@ -49,7 +49,7 @@ class DataConfig:
     layout_backend: str = "auto"
     """``auto`` | ``cpp`` | ``python``: the layout builder (identical output)."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
-    """Blockwise masking (PMLM.md section 1)."""
+    """Blockwise masking (docs/layout.md)."""
     corpus: list[str] = field(default_factory=lambda: ["news"])
     """Where the text comes from: built-in corpora (``news``, ``wiki``, ``acl``), ``.txt`` / ``.jsonl``
     files, folders of them, or glob patterns (``shards/*.jsonl``). Read by the training job only."""

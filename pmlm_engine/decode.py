@@ -46,7 +46,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import torch
@@ -430,9 +429,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from .checkpoint import load_model, read_config
-        from .finetune import resolve_tokenizer
         from .s2s_data import load_pair_spec, write_jsonl
-        from .tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer, resolve_tokenizer
 
         meta = read_config(args.model)
         ft = meta.get("finetune", {})

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .layout import IGNORE
 from .losses import pmlm_loss
 from .model import PMLMModel
+from .fused_ops import fuse_layer_norms
 from .optim import build_optimizer, build_scheduler
 from .train_config import TrainConfig, read_json_object
 
@@ -165,8 +166,8 @@ OWNED = {
     "zero_allow_untested_optimizer": "the engine (it hands DeepSpeed torch's AdamW built from optim)",
 }
 REFUSED = {
-    "optimizer": "the optimizer is AdamW built from the optim section (optim.lr, optim.betas, optim.eps, "
-                 "optim.weight_decay)",
+    "optimizer": "the optimizer is built from the optim section (optim.optimizer = adamw | lamb, optim.lr, "
+                 "optim.betas, optim.eps, optim.weight_decay)",
     "scheduler": "the schedule is warmup + linear decay from optim.warmup_steps and steps",
     "amp": "mixed precision is the precision field (fp32 | bf16 | fp16)",
 }
@@ -421,6 +422,7 @@ class TorchEngine:
         self.env = env
         self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.module = PMLMTrainStep(model, label_smoothing).to(self.device)
+        fuse_layer_norms(model, self.device.type)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.grad_clip = cfg.optim.grad_clip
@@ -484,7 +486,9 @@ class DeepSpeedEngine:
             deepspeed.zero.register_external_parameter(model.lm_head, model.embeddings.word_embeddings.weight)
             if model.rel_pos_bias is not None:
                 deepspeed.zero.register_external_parameter(model, model.rel_pos_bias.weight)
-        optimizer = build_optimizer(model, cfg.optim)
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"  # where DeepSpeed will put the model
+        fuse_layer_norms(model, device_type)
+        optimizer = build_optimizer(model, cfg.optim, device_type, engine="deepspeed")
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

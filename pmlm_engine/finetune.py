@@ -67,11 +67,11 @@ from pmlm_engine.model import PMLMModel, extend_positions
 from pmlm_engine.optim import OptimConfig
 from pmlm_engine.rng import derive_seed
 from pmlm_engine.s2s_data import EncodedPairs, encode_pairs, load_pair_spec
+from pmlm_engine.tokenizer import resolve_tokenizer
 from pmlm_engine.train_config import DataConfig, DeepSpeedSection, TrainConfig
 
 log = logging.getLogger("pmlm_engine.finetune")
 
-DEFAULT_TOKENIZER = "bert-base-uncased"
 
 
 @dataclass
@@ -156,16 +156,6 @@ class FinetuneConfig:
 
 
 # --------------------------------------------------------------------------- pieces
-
-
-def resolve_tokenizer(spec: Optional[str], recorded: Optional[str]) -> str:
-    """The tokenizer file to use: ``spec``, else ``recorded``, else bert-base-uncased (MiniLM's vocab.txt)."""
-    choice = spec or recorded or DEFAULT_TOKENIZER
-    if choice == DEFAULT_TOKENIZER:
-        from .corpus import minilm_dir
-
-        return str(minilm_dir() / "vocab.txt")
-    return choice
 
 
 def build_examples(enc: EncodedPairs, special: SpecialIds, target_mask_prob: float, seed: int, epoch: int,

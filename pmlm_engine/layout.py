@@ -1,10 +1,10 @@
-"""The PMLM layout of one example and the two ways to batch examples (PMLM.md section 2).
+"""The PMLM layout of one example and the two ways to batch examples (docs/layout.md).
 
 This module owns the layout: the main part, then for each factorization step ``s``
 the ORIGINAL tokens of span ``s`` (``step = +s``) followed by one ``[P]`` per token
 (``step = -s``), each appended token at the position id of the token it stands for.
 Pre-training (:func:`build_example`) and sequence-to-sequence fine-tuning
-(:func:`build_seq2seq_example`, PMLM.md section 6) are the same layout.
+(:func:`build_seq2seq_example`, docs/finetuning.md) are the same layout.
 
 Per-token fields (all ``int64``):
 
@@ -20,55 +20,18 @@ Per-token fields (all ``int64``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from .config import MaskingConfig
+from .example import FIELDS, IGNORE, Example, SpecialIds
 from .masking import corrupt, sample_spans, shuffle_spans
 from .rng import SplitMix64
 
-IGNORE = -100
-FIELDS = ("input_ids", "position_ids", "segment_ids", "step", "labels")
-
-
-@dataclass
-class Example:
-    """One laid-out example: ``num_main`` main tokens then the appended region."""
-
-    input_ids: np.ndarray
-    position_ids: np.ndarray
-    segment_ids: np.ndarray
-    step: np.ndarray
-    labels: np.ndarray
-    num_main: int
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Example) and self.num_main == other.num_main
-                and all(np.array_equal(getattr(self, f), getattr(other, f)) for f in FIELDS))
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """Token ids the layout needs. ``pseudo`` defaults to ``mask`` as in the released code."""
-
-    cls: int
-    sep: int
-    mask: int
-    pad: int
-    pseudo: int | None = None
-    random_lo: int = 0
-    """Random replacements are drawn from ``[random_lo, random_hi)``."""
-    random_hi: int = 1
-
-    @property
-    def p(self) -> int:
-        return self.mask if self.pseudo is None else self.pseudo
+__all__ = ["FIELDS", "IGNORE", "Example", "SpecialIds", "build_example", "build_example_python",
+           "build_seq2seq_example", "collate_packed", "collate_padded", "pack_rows"]
 
 
 def _append_steps(
@@ -157,7 +120,7 @@ def build_seq2seq_example(
     target_mask_prob: float = 0.0,
     seed: int = 0,
 ) -> Example:
-    """Sequence-to-sequence layout (PMLM.md section 6).
+    """Sequence-to-sequence layout (docs/finetuning.md).
 
     Main part ``[CLS] source [SEP]`` (segment 0); target ``t_1 .. t_T`` (``[SEP]``
     appended by the caller when it is the end-of-sequence token) becomes T one-token

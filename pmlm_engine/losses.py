@@ -1,4 +1,4 @@
-"""AE + PAR losses (PMLM.md section 4). This module owns the loss gathering.
+"""AE + PAR losses (docs/losses.md). This module owns the loss gathering.
 
 Labels live on the layout (``pmlm_engine.layout``): a label at a main token
 (``step == 0``) is an autoencoding target, a label at a pseudo token (``step < 0``)

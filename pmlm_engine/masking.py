@@ -1,4 +1,4 @@
-"""Blockwise masking and factorization order: PMLM.md section 1, paper Algorithm 1.
+"""Blockwise masking and factorization order: docs/layout.md, paper Algorithm 1.
 
 This module owns the masking rule. It is the Python reference of the hot loop; the
 C++ fast path (``csrc/layout.cpp``) reproduces it draw for draw from the same

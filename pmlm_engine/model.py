@@ -1,11 +1,13 @@
 """The PMLM model: a BERT-style post-LayerNorm encoder with a shared T5 relative position bias.
 
-One definition serves pre-training, fine-tuning and cached decoding (PMLM.md section 5).
+One definition serves pre-training, fine-tuning and cached decoding (docs/model.md).
 Parameter names follow Hugging Face's ``BertModel`` (minus the ``bert.`` prefix) so BERT
 checkpoints map one to one; the relative bias table is ``rel_pos_bias.weight``
 ``(heads, buckets)`` as in the released UniLMv2 checkpoints.
 
-All attention goes through :func:`pmlm_engine.attention.pseudo_mask_attention`.
+All attention goes through :mod:`pmlm_engine.attention`: :meth:`PMLMModel.forward` builds one
+:class:`~pmlm_engine.attention_api.AttentionLayout` per forward (metadata validated, backend
+resolved, the backend's shared work done once) and every layer attends with it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import RelativePositionBias, pseudo_mask_attention
+from .attention import attend, build_layout
+from .attention_api import AttentionLayout
+from .position_bias import RelativePositionBias
 from .config import ModelConfig
 
 
@@ -133,22 +137,16 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.dropout_p = cfg.attention_dropout
-        self.backend = cfg.attention_backend
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
 
-    def forward(self, x: Tensor, meta: "_Meta", layer: int, cache: Optional[KVCache]) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout, layer: int, cache: Optional[KVCache]) -> Tensor:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # (B, H, Lc + L, D): cached, then new (no copy of the cache)
-        out = pseudo_mask_attention(
-            q, k, v, meta.k_step, meta.k_doc, meta.bias, self.backend,
-            q_step=meta.q_step, q_doc_ids=meta.q_doc,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        )  # (B, H, L, D)
+        out = attend(q, k, v, layout)  # (B, H, L, D)
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
 
@@ -168,23 +166,12 @@ class TransformerLayer(nn.Module):
                                          LayerNorm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)))
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, meta: "_Meta", layer: int, cache: Optional[KVCache]) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout, layer: int, cache: Optional[KVCache]) -> Tensor:
         attn_out = self.attention["output"]
-        a = self.attention["self"](x, meta, layer, cache)
+        a = self.attention["self"](x, layout, layer, cache)
         x = attn_out["LayerNorm"](x + self.dropout(attn_out["dense"](a)))
         h = F.gelu(self.intermediate["dense"](x))
         return self.output["LayerNorm"](x + self.dropout(self.output["dense"](h)))
-
-
-@dataclass
-class _Meta:
-    """Mask and bias metadata of one forward, shared by all layers."""
-
-    q_step: Optional[Tensor]
-    q_doc: Optional[Tensor]
-    k_step: Tensor
-    k_doc: Optional[Tensor]
-    bias: Optional[RelativePositionBias]
 
 
 class LMHead(nn.Module):
@@ -209,6 +196,7 @@ class PMLMModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.attention_backend = cfg.attention_backend
         self.embeddings = Embeddings(cfg)
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])))
         self.rel_pos_bias = (nn.Linear(cfg.rel_pos_buckets, cfg.num_heads, bias=False)
@@ -227,8 +215,14 @@ class PMLMModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def set_attention_backend(self, backend: str) -> None:
-        for layer in self.encoder["layer"]:
-            layer.attention["self"].backend = backend
+        """Select the attention backend of later forwards (``auto`` or a registered name)."""
+        self.attention_backend = backend
+
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype q, k, v will have in the layers: autocast's when on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.embeddings.word_embeddings.weight.dtype
 
     def forward(
         self,
@@ -273,10 +267,13 @@ class PMLMModel(nn.Module):
                 q_position_ids=None if q_step is None else position_ids,
                 max_distance=self.config.rel_pos_max_distance,
             )
-        meta = _Meta(q_step, q_doc, k_step, k_doc, bias)
+        cfg = self.config
+        layout = build_layout(k_step, k_doc, bias, self.attention_backend, q_step=q_step, q_doc_ids=q_doc,
+                              num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=self._compute_dtype(step.device),
+                              dropout_p=cfg.attention_dropout if self.training else 0.0)
         x = self.embeddings(input_ids, position_ids, segment_ids)
         for i, layer in enumerate(self.encoder["layer"]):
-            x = layer(x, meta, i, cache)
+            x = layer(x, layout, i, cache)
         if cache is not None:
             self._append_to_cache(cache, step, doc_ids, position_ids)
         return x

@@ -1,11 +1,14 @@
-"""Optimizer and schedule of the paper (PMLM.md section 8): AdamW, warmup then linear decay."""
+"""Optimizer and schedule of the paper (docs/model.md): AdamW, warmup then linear decay."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
+
+from . import fused_ops
 
 
 @dataclass
@@ -24,6 +27,9 @@ class OptimConfig:
     """Linear warmup from 0 to ``lr``; then linear decay to 0 at ``total_steps``."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
+    optimizer: str = "adamw"
+    """``adamw`` or ``lamb``; on a GPU the fused implementation is picked per environment
+    (:mod:`pmlm_engine.fused_ops`); on the CPU only ``adamw`` (torch's AdamW)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives lists
@@ -39,6 +45,8 @@ class OptimConfig:
             raise ValueError(f"weight_decay={self.weight_decay} is invalid: expected >= 0")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} is invalid: expected 0 (off) or a positive norm")
+        if self.optimizer not in ("adamw", "lamb"):
+            raise ValueError(f"optimizer={self.optimizer!r} is invalid: expected 'adamw' or 'lamb'")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -51,9 +59,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """torch's AdamW over :func:`param_groups` (also the client optimizer handed to DeepSpeed)."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: Optional[str] = None,
+                    engine: str = "torch") -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over :func:`param_groups` (also the client optimizer handed to DeepSpeed):
+    torch's AdamW on the CPU; the fused implementation :func:`pmlm_engine.fused_ops.choose_optimizer`
+    picks on CUDA. ``device_type`` defaults to where the model's parameters are."""
+    if device_type is None:
+        device_type = next(model.parameters()).device.type
+    return fused_ops.build_optimizer(param_groups(model, cfg.weight_decay), cfg.optimizer, cfg.lr, cfg.betas,
+                                     cfg.eps, device_type, engine)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

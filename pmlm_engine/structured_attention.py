@@ -1,8 +1,7 @@
-"""Structured pseudo-mask attention in plain torch: the ``backend="torch"`` of
-:func:`pmlm_engine.attention.pseudo_mask_attention` (the CPU path).
+"""Structured pseudo-mask attention in plain torch: the ``torch`` attention backend (the CPU path).
 
-The dense backends build the ``(B, Lq, Lk)`` mask of PMLM.md section 3 and attend every query
-to every key. The layout (PMLM.md section 2) makes most of that mask predictable: inside one
+The dense backends build the ``(B, Lq, Lk)`` mask of docs/attention.md and attend every query
+to every key. The layout (docs/layout.md) makes most of that mask predictable: inside one
 document of ``n = m + a`` tokens, the ``m`` main tokens come first and see exactly the main
 tokens of their document; the ``a`` appended tokens follow and see *all* those main tokens plus
 part of the appended region. Only ``appended x appended`` needs the rule. Per document:
@@ -24,7 +23,9 @@ The bias is materialised only for the blocks computed, from bucket indices compu
 block; the ``main x main`` buckets are computed once for all rows when their main position ids
 agree. The rule itself is always :func:`~pmlm_engine.attention.dense_pseudo_mask` (one home).
 
-How a batch is handled (:func:`plan_batch`, decided per call from ``step`` and ``doc_ids``):
+How a batch is handled (:func:`plan_batch`, decided once per forward from ``step`` and ``doc_ids`` by
+:func:`prepare`, which also builds every block's mask, bias bucket indices and the output scatter
+index; each layer's :func:`attend` then only slices and calls kernels):
 
 * every document must be one contiguous run of its ``doc_id`` whose ``step == 0`` tokens are a
   prefix of the run. Rows may hold several documents (packing) and any padding (``doc_id < 0``)
@@ -48,6 +49,7 @@ through every path (plain torch ops and two ``autograd.Function``s with explicit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -56,20 +58,20 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .attention import (
-    RelativePositionBias,
-    _sdpa,
-    dense_pseudo_mask,
-    register_backend,
-    relative_position_bucket,
-)
+from .attention_api import AttentionLayout
+from .dense_attention import sdpa_attention
+from .mask_rule import dense_pseudo_mask
+from .position_bias import RelativePositionBias, relative_position_bucket
 
 __all__ = [
+    "BACKEND",
     "CALL_OVERHEAD_SCORES",
     "Group",
     "Plan",
+    "Prepared",
+    "attend",
     "plan_batch",
-    "structured_attention",
+    "prepare",
 ]
 
 CALL_OVERHEAD_SCORES: int = 50_000
@@ -110,7 +112,7 @@ class Group:
 
 @dataclass(frozen=True)
 class Plan:
-    """How :func:`structured_attention` will compute a batch.
+    """How :func:`attend` will compute a batch.
 
     ``kind`` is ``"fast"`` (one group at column 0 over all rows: q, k, v go in as they are),
     ``"blocks"`` (several groups, outputs put in place by index) or ``"dense"`` (the rule over
@@ -238,11 +240,34 @@ def _gather_bias(table: Tensor, buckets: Tensor, dtype: torch.dtype) -> Tensor:
     return flat.view(h, gb, lq, lk).transpose(0, 1).contiguous()
 
 
+@dataclass(frozen=True)
+class _Mask:
+    """A block's visibility, prepared once per forward.
+
+    ``visible`` ``(G, Lq, Lk)`` bool with the rows that see no key opened (softmax over no key is
+    NaN), or None when everything is visible; ``has_key`` ``(G, Lq, 1)`` marks the rows that keep
+    their output, None when all do.
+    """
+
+    visible: Optional[Tensor]
+    has_key: Optional[Tensor]
+
+
+_ALL_VISIBLE = _Mask(None, None)
+
+
+def _prepare_mask(visible: Tensor) -> _Mask:
+    has_key = visible.any(-1, keepdim=True)  # (G, Lq, 1)
+    if bool(has_key.all()):
+        return _Mask(visible, None)
+    return _Mask(visible | ~has_key, has_key)
+
+
 def _block_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    visible: Optional[Tensor],
+    mask: _Mask,
     bias: Optional[_BiasSpec],
     scale: float,
 ) -> Tensor:
@@ -250,19 +275,12 @@ def _block_attention(
 
     Args:
         q: ``(G, H, Lq, D)``; k, v: ``(G, H, Lk, D)`` (views into the batch are fine).
-        visible: ``(G, Lq, Lk)`` bool, True where a query may attend a key; None: all visible.
+        mask: the block's prepared visibility.
         bias: the block's relative bias, or None.
     Returns:
         ``(G, H, Lq, D)``; query rows with no visible key are zeros.
     """
-    has_key: Optional[Tensor] = None
-    if visible is not None:
-        has_key = visible.any(-1, keepdim=True)  # (G, Lq, 1)
-        if bool(has_key.all()):
-            has_key = None
-        else:
-            # Softmax over no key is NaN: open those rows, then zero their output below.
-            visible = visible | ~has_key
+    visible = mask.visible
     if bias is not None and torch.is_grad_enabled() and bias.table.requires_grad:
         # SDPA gives no gradient to an additive mask except through its slow math kernel.
         out = _BiasedAttention.apply(q, k, v, bias.table, bias.buckets, visible, scale)
@@ -275,8 +293,8 @@ def _block_attention(
                 # Out of place: shared (1, H, Lq, Lk) buckets broadcast against a per-row mask.
                 attn_mask = attn_mask.masked_fill(~visible.unsqueeze(1), float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    if has_key is not None:
-        out = out * has_key.unsqueeze(1).to(out.dtype)
+    if mask.has_key is not None:
+        out = out * mask.has_key.unsqueeze(1).to(out.dtype)
     return out
 
 
@@ -477,87 +495,13 @@ def _row_selector(rows: Sequence[int], num_rows: int, device: torch.device) -> U
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def _dense_fallback(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    step: Tensor,
-    doc_ids: Optional[Tensor],
-    bias: Optional[RelativePositionBias],
-    scale: float,
-    dropout_p: float,
-    q_step: Optional[Tensor],
-    q_doc_ids: Optional[Tensor],
-) -> Tensor:
-    """The full mask, nothing of the structure assumed; the bias still avoids SDPA's math kernel."""
-    visible = dense_pseudo_mask(step, doc_ids, q_step=q_step, q_doc_ids=q_doc_ids)  # (B, Lq, Lk)
-    if dropout_p > 0:
-        return _sdpa(q, k, v, visible, bias, scale, dropout_p)
-    spec = None
-    if bias is not None:
-        buckets = bias.buckets()  # (B, Lq, Lk)
-        if buckets.shape[0] > 1 and bool((buckets == buckets[:1]).all()):
-            buckets = buckets[:1]
-        spec = _BiasSpec(bias.table, buckets)
-    return _block_attention(q, k, v, visible, spec, scale)
-
-
-def _group_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    num_main: int,
-    step: Tensor,
-    doc_ids: Optional[Tensor],
-    bias_main: Optional[_BiasSpec],
-    bias_app: Optional[_BiasSpec],
-    scale: float,
-) -> Tensor:
-    """Attention of documents whose first ``num_main`` tokens are main, the rest appended.
-
-    Args:
-        q, k, v: ``(G, H, n, D)`` the documents' columns (``n = num_main + a``).
-        step, doc_ids: ``(G, n)`` the same columns' metadata (``doc_ids`` None: one document).
-        bias_main, bias_app: bias of the ``main x main`` and ``appended x all`` blocks, or None.
-    Returns:
-        ``(G, H, n, D)``; appended query rows with no visible key (padding) are zeros.
-    """
-    m = num_main
-    n = q.shape[2]
-
-    def app_rule(key_start: int) -> Tensor:
-        """The rule for the appended queries x keys ``[key_start, n)``: ``(G, a, n - key_start)``."""
-        return dense_pseudo_mask(
-            step[:, key_start:], None if doc_ids is None else doc_ids[:, key_start:],
-            q_step=step[:, m:], q_doc_ids=None if doc_ids is None else doc_ids[:, m:])
-
-    if m == n:  # only main tokens: no mask
-        return _block_attention(q, k, v, None, bias_main, scale)
-    if m == 0:  # only appended tokens
-        return _block_attention(q, k, v, app_rule(0), bias_app, scale)
-    if bias_main is None and bias_app is None and _merge_supported(q):
-        # Appended queries see every main key of their document: all n queries go through one
-        # unmasked call against the main keys, and only appended x appended needs the rule.
-        app_visible = app_rule(m)  # (G, a, a)
-        has_key = app_visible.any(-1, keepdim=True)  # (G, a, 1); False only for padding queries
-        zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        # Rows without a visible key are opened (all 0): the flash kernel then stays finite, and
-        # those rows are zeroed after the merge.
-        app_mask = torch.where(app_visible | ~has_key, zero, float("-inf")).unsqueeze(1)  # (G, 1, a, a)
-        valid = None if bool(has_key.all()) else has_key.unsqueeze(1)  # (G, 1, a, 1)
-        return _MergedFlash.apply(q, k, v, m, app_mask, valid, scale)
-    main = _block_attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], None, bias_main, scale)
-    app = _block_attention(q[:, :, m:], k, v, app_rule(0), bias_app, scale)
-    return torch.cat([main, app], dim=2)
-
-
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _merge_supported(q: Tensor) -> bool:
+def _merge_supported(device: torch.device) -> bool:
     """The merge needs SDPA's CPU flash kernel with its log-sum-exp (an aten op, not public API)."""
-    return _flash_cpu is not None and _flash_cpu_backward is not None and q.device.type == "cpu"
+    return _flash_cpu is not None and _flash_cpu_backward is not None and device.type == "cpu"
 
 
 class _MergedFlash(torch.autograd.Function):
@@ -628,25 +572,133 @@ def _cols(x: Tensor, start: int, stop: int) -> Tensor:
     return x if start == 0 and stop == x.shape[2] else x[:, :, start:stop]
 
 
-def structured_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    step: Tensor,
-    doc_ids: Optional[Tensor],
-    bias: Optional[RelativePositionBias],
-    scale: float,
-    dropout_p: float,
-    q_step: Optional[Tensor],
-    q_doc_ids: Optional[Tensor],
-) -> Tensor:
+@dataclass(frozen=True)
+class _GroupPrep:
+    """One group's share of the per-forward preparation (see :class:`Prepared`)."""
+
+    group: Group
+    rows: Union[slice, Tensor, None]  # the group's rows of the batch
+    merged: bool  # main x main + appended x appended through _MergedFlash (no bias, CPU)
+    app_mask: Optional[Tensor]  # merged: (G, 1, a, a) additive 0 / -inf, rows without a key opened
+    valid: Optional[Tensor]  # merged: (G, 1, a, 1) appended queries that keep their output; None: all
+    app_visible: _Mask  # not merged: appended queries x all the group's keys (all x all when m == 0)
+    bias_main: Optional[_BiasSpec]
+    bias_app: Optional[_BiasSpec]
+    keep: Optional[Tensor]  # "blocks": positions of the valid query rows in the (G * n) flattening
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :data:`BACKEND` derives from a layout once per forward and every layer reuses: the
+    block plan, each block's mask and bias bucket indices, and the scatter index of the output."""
+
+    plan: Plan
+    groups: tuple[_GroupPrep, ...] = ()
+    scatter_index: Optional[Tensor] = None  # "blocks": flat (B * L) destination of every kept row
+    dense_visible: Optional[Tensor] = None  # "dense": the rule over all pairs, (B, Lq, Lk)
+    dense_mask: _Mask = _ALL_VISIBLE
+    dense_bias: Optional[_BiasSpec] = None
+
+
+def _prepare_dense(layout: AttentionLayout, plan: Plan) -> Prepared:
+    qs, qd, ks, kd = layout.resolved
+    visible = dense_pseudo_mask(ks, kd, q_step=qs, q_doc_ids=qd)  # (B, Lq, Lk)
+    spec = None
+    if layout.bias is not None:
+        buckets = layout.bias.buckets()  # (B, Lq, Lk)
+        if buckets.shape[0] > 1 and bool((buckets == buckets[:1]).all()):
+            buckets = buckets[:1]
+        spec = _BiasSpec(layout.bias.table, buckets)
+    return Prepared(plan, dense_visible=visible, dense_mask=_prepare_mask(visible), dense_bias=spec)
+
+
+def _prepare_group(layout: AttentionLayout, grp: Group, merge_ok: bool) -> _GroupPrep:
+    B, L = layout.step.shape
+    rows = _row_selector(grp.rows, B, layout.step.device)
+    s, m, a = grp.start, grp.num_main, grp.max_appended
+    e = s + m + a
+    # The columns may reach past a shorter document's end (into padding or the next document):
+    # the rule's doc check masks those keys and the assembly drops those queries.
+    step = _take_rows(layout.step, rows)[:, s:e]  # (G, m + a)
+    doc = None if layout.doc_ids is None else _take_rows(layout.doc_ids, rows)[:, s:e]
+    bias = layout.bias
+    bias_main = bias_app = None
+    if bias is not None:
+        bias_main = _bias_spec(bias, rows, slice(s, s + m), slice(s, s + m)) if m > 0 else None
+        bias_app = _bias_spec(bias, rows, slice(s + m, e), slice(s, e)) if a > 0 else None
+
+    def app_rule(key_start: int) -> Tensor:
+        """The rule for the appended queries x keys ``[key_start, n)``: ``(G, a, n - key_start)``."""
+        return dense_pseudo_mask(step[:, key_start:], None if doc is None else doc[:, key_start:],
+                                 q_step=step[:, m:], q_doc_ids=None if doc is None else doc[:, m:])
+
+    merged = m > 0 and a > 0 and bias is None and merge_ok
+    app_mask = valid = None
+    app_visible = _ALL_VISIBLE
+    if merged:
+        app_vis = app_rule(m)  # (G, a, a)
+        has_key = app_vis.any(-1, keepdim=True)  # (G, a, 1); False only for padding queries
+        zero = torch.zeros((), dtype=layout.dtype, device=step.device)
+        # Rows without a visible key are opened (all 0): the flash kernel then stays finite, and
+        # those rows are zeroed after the merge.
+        app_mask = torch.where(app_vis | ~has_key, zero, float("-inf")).unsqueeze(1)  # (G, 1, a, a)
+        valid = None if bool(has_key.all()) else has_key.unsqueeze(1)  # (G, 1, a, 1)
+    elif a > 0:
+        app_visible = _prepare_mask(app_rule(0))  # (G, a, n), or (G, n, n) when m == 0
+    return _GroupPrep(grp, rows, merged, app_mask, valid, app_visible, bias_main, bias_app, keep=None)
+
+
+def prepare(layout: AttentionLayout) -> Prepared:
+    """The per-forward work of the ``torch`` backend (see :class:`Prepared`)."""
+    plan = plan_batch(layout.step, layout.doc_ids, q_step=layout.q_step, q_doc_ids=layout.q_doc_ids,
+                      dropout_p=layout.dropout_p, num_heads=layout.num_heads)
+    if plan.kind == "dense":
+        return _prepare_dense(layout, plan)
+    merge_ok = _merge_supported(layout.step.device)
+    groups = tuple(_prepare_group(layout, grp, merge_ok) for grp in plan.groups)
+    if plan.kind == "fast":
+        return Prepared(plan, groups)
+    # Several groups: the valid query rows of every group go to their (row, column) of the output.
+    B, L = layout.step.shape
+    dev = layout.step.device
+    kept, dest = [], []
+    for gp in groups:
+        grp = gp.group
+        rows_t = torch.tensor(grp.rows, device=dev)
+        n = grp.num_main + grp.max_appended
+        j = torch.arange(n, device=dev)
+        keep = j < grp.num_main + torch.tensor(grp.num_appended, device=dev)[:, None]  # (G, n)
+        sel = keep.flatten().nonzero().squeeze(1)  # positions in the (G * n) flattening
+        dest.append((rows_t[:, None] * L + grp.start + j).flatten()[sel])
+        kept.append(dataclasses.replace(gp, keep=sel))
+    return Prepared(plan, tuple(kept), scatter_index=torch.cat(dest))
+
+
+def _group_attention(q: Tensor, k: Tensor, v: Tensor, gp: _GroupPrep, scale: float) -> Tensor:
+    """Attention of one group's documents: q, k, v ``(G, H, n, D)``, the group's columns
+    (``n = num_main + max_appended``). Returns ``(G, H, n, D)``; padding query rows are zeros."""
+    m = gp.group.num_main
+    n = q.shape[2]
+    if m == n:  # only main tokens: no mask
+        return _block_attention(q, k, v, _ALL_VISIBLE, gp.bias_main, scale)
+    if m == 0:  # only appended tokens
+        return _block_attention(q, k, v, gp.app_visible, gp.bias_app, scale)
+    if gp.merged:
+        # Appended queries see every main key of their document: all n queries go through one
+        # unmasked call against the main keys, and only appended x appended needs the rule.
+        app_mask = gp.app_mask if gp.app_mask.dtype == q.dtype else gp.app_mask.to(q.dtype)
+        return _MergedFlash.apply(q, k, v, m, app_mask, gp.valid, scale)
+    main = _block_attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], _ALL_VISIBLE, gp.bias_main, scale)
+    app = _block_attention(q[:, :, m:], k, v, gp.app_visible, gp.bias_app, scale)
+    return torch.cat([main, app], dim=2)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, scale: float) -> Tensor:
     """Pseudo-mask attention that computes only the layout's non-empty blocks (backend ``torch``).
 
-    Args (as :func:`pmlm_engine.attention.pseudo_mask_attention`, already validated there):
-        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``.
-        step: ``(B, Lk)``; doc_ids: ``(B, Lk)`` or None.
-        bias: relative position bias or None; scale: softmax scale; dropout_p: attention dropout.
-        q_step, q_doc_ids: ``(B, Lq)`` decoding metadata or None.
+    Args:
+        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)`` (checked by the dispatcher).
+        layout: prepared by :func:`prepare`.
     Returns:
         ``(B, H, Lq, D)`` contiguous, equal (up to rounding) to the dense reference.
     """
@@ -657,53 +709,51 @@ def structured_attention(
         # preallocated outputs, which autocast's per-op casts would contradict.
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return structured_attention(q.to(dt), k.to(dt), v.to(dt), step, doc_ids, bias, scale, dropout_p,
-                                        q_step, q_doc_ids)
-    B, H, L, D = q.shape
-    if bias is not None and bias.table.shape[0] != H:
-        raise ValueError(f"position_bias.table has {bias.table.shape[0]} heads but q has {H}: the table "
-                         f"must be (num_heads, num_buckets) = ({H}, {bias.table.shape[-1]})")
-    plan = plan_batch(step, doc_ids, q_step=q_step, q_doc_ids=q_doc_ids, dropout_p=dropout_p, num_heads=H)
+            return attend(q.to(dt), k.to(dt), v.to(dt), layout, scale)
+    prepared: Prepared = layout.prepared  # type: ignore[assignment]
+    plan = prepared.plan
     if plan.kind == "dense":
-        return _dense_fallback(q, k, v, step, doc_ids, bias, scale, dropout_p, q_step, q_doc_ids)
+        if layout.dropout_p > 0:
+            bias = None
+            if prepared.dense_bias is not None:
+                bias = prepared.dense_bias.table[:, prepared.dense_bias.buckets].permute(1, 0, 2, 3)
+            return sdpa_attention(q, k, v, prepared.dense_visible, bias, scale, layout.dropout_p)
+        return _block_attention(q, k, v, prepared.dense_mask, prepared.dense_bias, scale)
 
-    outs: list[tuple[Group, Tensor]] = []
-    for grp in plan.groups:
-        rows = _row_selector(grp.rows, B, q.device)
-        s, m, a = grp.start, grp.num_main, grp.max_appended
-        e = s + m + a
-        qd, kd, vd = (_cols(_take_rows(x, rows), s, e) for x in (q, k, v))  # (G, H, m + a, D)
-        # The columns may reach past a shorter document's end (into padding or the next
-        # document): the rule's doc check masks those keys and the assembly drops those queries.
-        st = _take_rows(step, rows)[:, s:e]  # (G, m + a)
-        dc = None if doc_ids is None else _take_rows(doc_ids, rows)[:, s:e]
-        bias_main = bias_app = None
-        if bias is not None:
-            bias_main = _bias_spec(bias, rows, slice(s, s + m), slice(s, s + m)) if m > 0 else None
-            bias_app = _bias_spec(bias, rows, slice(s + m, e), slice(s, e)) if a > 0 else None
-        outs.append((grp, _group_attention(qd, kd, vd, m, st, dc, bias_main, bias_app, scale)))
+    B, H, L, D = q.shape
+    outs: list[Tensor] = []
+    for gp in prepared.groups:
+        grp = gp.group
+        s, e = grp.start, grp.start + grp.num_main + grp.max_appended
+        qd, kd, vd = (_cols(_take_rows(x, gp.rows), s, e) for x in (q, k, v))  # (G, H, m + a, D)
+        outs.append(_group_attention(qd, kd, vd, gp, scale))
 
     if plan.kind == "fast":
         # One document per row starting at column 0: whatever follows a row's document in the
         # appended slice is padding, whose query rows _group_attention zeroed.
-        grp, out = outs[0]
+        grp, out = plan.groups[0], outs[0]
         tail = L - grp.num_main - grp.max_appended
         return torch.cat([out, out.new_zeros(B, H, tail, D)], dim=2) if tail > 0 else out.contiguous()
 
     # Several groups: scatter the valid query rows of every group into a zero (B*L, H, D) output.
-    values: list[Tensor] = []
-    index: list[Tensor] = []
-    dev = q.device
-    for grp, out in outs:
-        rows_t = torch.tensor(grp.rows, device=dev)
-        n = grp.num_main + grp.max_appended
-        j = torch.arange(n, device=dev)
-        keep = j < grp.num_main + torch.tensor(grp.num_appended, device=dev)[:, None]  # (G, n)
-        sel = keep.flatten().nonzero().squeeze(1)  # positions in the (G * n) flattening
-        index.append((rows_t[:, None] * L + grp.start + j).flatten()[sel])
-        values.append(out.transpose(1, 2).reshape(-1, H, D).index_select(0, sel))
-    flat = q.new_zeros(B * L, H, D).index_copy(0, torch.cat(index), torch.cat(values))
+    values = [out.transpose(1, 2).reshape(-1, H, D).index_select(0, gp.keep) for gp, out in zip(prepared.groups, outs)]
+    flat = q.new_zeros(B * L, H, D).index_copy(0, prepared.scatter_index, torch.cat(values))
     return flat.view(B, L, H, D).transpose(1, 2).contiguous()
 
 
-register_backend("torch", structured_attention)
+class StructuredBackend:
+    """The ``torch`` backend: :func:`prepare` once per forward, :func:`attend` per layer."""
+
+    name = "torch"
+
+    def unavailable(self) -> Optional[str]:
+        return None
+
+    def prepare(self, layout: AttentionLayout) -> Prepared:
+        return prepare(layout)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: AttentionLayout, scale: float) -> Tensor:
+        return attend(q, k, v, layout, scale)
+
+
+BACKEND = StructuredBackend()

@@ -3,7 +3,7 @@
 * :class:`WordPieceTokenizer`: a BERT ``vocab.txt`` (or a WordPiece ``tokenizer.json``)
   through the Hugging Face ``tokenizers`` library: BERT's normalizer (lowercasing and
   accent stripping for uncased vocabularies), BERT's pre-tokenizer, greedy WordPiece.
-  With the bert-base-uncased vocabulary (UniLMv2's, PMLM.md section 5; fetch it with
+  With the bert-base-uncased vocabulary (UniLMv2's, docs/model.md; fetch it with
   :func:`pmlm_engine.corpus.minilm_dir`) the ids are bert-base-uncased's:
   ``[PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103``, ``"hello world" -> [7592, 2088]``.
 * :class:`SentencePieceTokenizer`: a sentencepiece ``.model`` holding ``[PAD] [UNK] [CLS]
@@ -394,6 +394,24 @@ class SentencePieceTokenizer(Tokenizer):
 # --------------------------------------------------------------------------- loading
 
 
+DEFAULT_TOKENIZER = "bert-base-uncased"
+"""The tokenizer name that means MiniLM's ``vocab.txt`` (bert-base-uncased's vocabulary, shipped offline)."""
+
+
+def resolve_tokenizer(spec: str | None, recorded: str | None = None) -> str:
+    """The tokenizer file to use: ``spec``, else ``recorded`` (e.g. the one a checkpoint names), else
+    :data:`DEFAULT_TOKENIZER`, which resolves to MiniLM's ``vocab.txt``.
+
+    Lives here (not in the training modules) so decoding can load a tokenizer without importing them.
+    """
+    choice = spec or recorded or DEFAULT_TOKENIZER
+    if choice == DEFAULT_TOKENIZER:
+        from .corpus import minilm_dir
+
+        return str(minilm_dir() / "vocab.txt")
+    return choice
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer stored at ``path``, chosen by file name.
 
@@ -516,7 +534,7 @@ def train_sentencepiece_from_documents(
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            hard_vocab_limit=False,  # a small corpus may not support vocab_size pieces (TOOLCHAIN.md)
+            hard_vocab_limit=False,  # else a small corpus fails with "Vocabulary size too high"
             pad_id=0, pad_piece=PAD, unk_id=1, unk_piece=UNK, bos_id=-1, eos_id=-1,
             user_defined_symbols=[CLS, SEP, MASK, PSEUDO],  # matched in text, never split
             normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",

@@ -517,6 +517,7 @@ SHORTCUTS = {  # flag dest -> dotted config key
     "ds_config": "deepspeed.overrides", "init_from": "init_from", "out": "out", "seed": "data.seed",
     "resume": "checkpoint.resume", "max_docs": "data.max_docs", "attention_backend": "model.attention_backend",
     "log_every": "logging.every", "save_every": "checkpoint.every", "threads": "threads",
+    "optimizer": "optim.optimizer",
 }
 
 
@@ -539,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-len", type=int, help="data.max_len (main-part tokens per example)")
     g.add_argument("--lr", type=float, help="optim.lr (peak learning rate)")
     g.add_argument("--warmup", type=int, help="optim.warmup_steps")
+    g.add_argument("--optimizer", choices=["adamw", "lamb"],
+                   help="optim.optimizer (on a GPU the fused implementation of each environment; lamb needs a GPU)")
     g.add_argument("--precision", "--dtype", dest="precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision (auto: bf16 where the hardware has native bf16, else fp32)")
     g.add_argument("--engine", choices=["auto", "torch", "deepspeed"], help="engine")

@@ -196,9 +196,9 @@ class TrainConfig:
     out: str = "runs/pretrain"
     """Output folder: metrics.jsonl, tb/, loss.png, checkpoints/, final/, train_config.json."""
     ae_weight: float = 1.0
-    """Weight of the AE loss in the objective (PMLM.md section 4: 1)."""
+    """Weight of the AE loss in the objective (docs/losses.md: 1)."""
     par_weight: float = 1.0
-    """Weight of the PAR loss in the objective (PMLM.md section 4: 1)."""
+    """Weight of the PAR loss in the objective (docs/losses.md: 1)."""
     threads: int = 0
     """torch intra-op threads of each process (0 = torch's default, one per core). On a machine shared
     with other jobs, 1 avoids the slowdown of oversubscribed threads."""

@@ -1,15 +1,27 @@
 """Test-wide setup.
 
-Triton's interpreter must be selected before ``triton`` is first imported (TOOLCHAIN.md):
-on this CPU-only machine every Triton kernel in the suite runs interpreted.
+Triton's interpreter must be selected before ``triton`` is first imported (it cannot be switched
+on afterwards): on a CPU-only machine every Triton kernel in the suite runs interpreted.
 Ahead-of-time compile tests run in their own process without this variable.
+Likewise ``PMLM_CUDA_EMULATE=1`` runs the ``cuda`` attention backend's kernels through the CUDA
+emulator on the CPU (``pmlm_engine.cuda_attention``); it is read at dispatch time.
+
+Hypothesis is derandomized in every suite (the ``ci`` profile): a run draws the same examples
+each time, so a failure reproduces and CI cannot pass or fail by luck. ``HYPOTHESIS_PROFILE=explore``
+draws fresh random examples (and keeps a local example database) for bug hunting.
 """
 
 import os
 
 if "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("PMLM_CUDA_EMULATE", "1")
 
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 import torch
+
+from pmlm_engine.attention import register_backend, unregister_backend
+from pmlm_engine.attention_api import AttentionLayout
+from pmlm_engine.dense_attention import DenseBackend, DensePrepared, reference_attention
 
 from pmlm_engine.config import MaskingConfig, ModelConfig
 from pmlm_engine.data import chunk_document
@@ -32,3 +39,33 @@ def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, backend: str =
         with torch.no_grad():
             model.rel_pos_bias.weight.normal_(0, 1.0)
     return model
+
+
+class ExplicitMaskBackend(DenseBackend):
+    """A test-only backend that ignores the layout's rule and attends through ``self.mask``
+    ``(B, Lq, Lk)`` (with the layout's bias), so a naive computation never goes through the
+    rule it checks."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, reference_attention, supports_dropout=True)
+        self.mask: torch.Tensor | None = None
+
+    def prepare(self, layout: AttentionLayout) -> DensePrepared:
+        assert self.mask is not None, "set the explicit mask first"
+        return DensePrepared(self.mask, None if layout.bias is None else layout.bias.buckets())
+
+
+@contextlib.contextmanager
+def explicit_mask(model: PMLMModel, mask: torch.Tensor) -> Iterator[None]:
+    """Run ``model`` through :class:`ExplicitMaskBackend` with ``mask``; the backend is registered for
+    the block only and the model's backend is restored afterwards."""
+    backend = ExplicitMaskBackend("explicit-test-mask")
+    backend.mask = mask
+    before = model.attention_backend
+    register_backend(backend)
+    model.set_attention_backend(backend.name)
+    try:
+        yield
+    finally:
+        model.set_attention_backend(before)
+        unregister_backend(backend.name)

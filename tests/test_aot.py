@@ -28,9 +28,7 @@ def test_default_config_compiles_for_sm90_without_spills():
     block configuration, bias on) and ptxas reports 0 spill bytes for each; registers stay within
     the hardware's 255 and shared memory within sm_90's 227 KiB per block."""
     code = ("import json\n"
-            "try:\n    from pmlm_engine.kernels import aot_report\n"
-            "except ModuleNotFoundError:  # not installed: the repository root is on PYTHONPATH\n"
-            "    from kernels import aot_report\n"
+            "from pmlm_engine.kernels import aot_report\n"
             "print(json.dumps(aot_report.compile_rows([90], ['fp16'], [64])))\n")
     proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

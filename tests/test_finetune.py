@@ -3,7 +3,6 @@ as documented; a run writes a model folder that decode loads."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -13,28 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmlm_engine.attention import _reference, register_backend
 from pmlm_engine.finetune import FinetuneConfig, build_examples, finetune, seq2seq_loss
 from pmlm_engine.layout import collate_padded
 from pmlm_engine.s2s_data import EncodedPairs, PairRecord, encode_pairs, read_jsonl_pairs
 
-from .helpers import SPECIAL, tiny_model
-
-# A test-only backend that ignores the layout and attends through an explicit mask (as in test_single_pass),
-# so the naive computation never goes through the rule it checks.
-_EXPLICIT: dict[str, torch.Tensor] = {}
-register_backend("explicit-s2s-mask", lambda q, k, v, step, doc, bias, scale, p, qs, qd:
-                 _reference(q, k, v, _EXPLICIT["mask"], bias, scale, p))
-
-
-@contextlib.contextmanager
-def explicit_mask(model, mask: torch.Tensor):
-    _EXPLICIT["mask"] = mask
-    model.set_attention_backend("explicit-s2s-mask")
-    try:
-        yield
-    finally:
-        model.set_attention_backend("reference")
+from .helpers import SPECIAL, explicit_mask, tiny_model
 
 
 def _naive_token_losses(model, src: list[int], teacher: list[int], tgt: list[int], smoothing: float) -> torch.Tensor:
@@ -92,10 +74,6 @@ def test_seq2seq_loss_equals_per_position_forwards(target_mask_prob: float):
 def test_seq2seq_gradients_agree_across_attention_backends(backend: str):
     """Fine-tuning's loss and gradients on a padded seq2seq batch (relative bias on) through each CPU attention
     backend equal the reference backend's (float64, 1e-9)."""
-    from pmlm_engine.attention import available_backends
-
-    if backend not in available_backends():
-        pytest.skip(f"attention backend {backend!r} is not available here")
     rng = np.random.default_rng(1)
     enc = EncodedPairs(["a", "b"], [rng.integers(5, 61, 17).tolist(), rng.integers(5, 61, 6).tolist()],
                        [rng.integers(5, 61, 4).tolist() + [SPECIAL.sep], rng.integers(5, 61, 9).tolist() + [SPECIAL.sep]])

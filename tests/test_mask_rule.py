@@ -1,4 +1,4 @@
-"""The pseudo-mask rule (PMLM.md section 3) as ``dense_pseudo_mask`` states it."""
+"""The pseudo-mask rule (docs/attention.md) as ``dense_pseudo_mask`` states it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .helpers import SPECIAL, random_example
 
 
 def visible_per_pair(wq: int, wk: int, dq: int, dk: int) -> bool:
-    """The rule restated from the prose of PMLM.md, by token kind, one pair at a time."""
+    """The rule restated from the prose of docs/attention.md, by token kind, one pair at a time."""
     if dk < 0 or dq != dk:
         return False
     kind_k = "main" if wk == 0 else ("orig" if wk > 0 else "pseudo")
@@ -29,7 +29,7 @@ def visible_per_pair(wq: int, wk: int, dq: int, dk: int) -> bool:
 
 
 def test_paper_worked_example():
-    """Fig. 2 of the paper, x1..x6 with spans {4,5} then {2}: the mask equals the table in PMLM.md."""
+    """Fig. 2 of the paper, x1..x6 with spans {4,5} then {2}: the mask equals the table in docs/attention.md."""
     # main x1..x6, then x4 x5 (+1), [P]4 [P]5 (-1), x2 (+2), [P]2 (-2)
     step = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, -1, -1, 2, -2])
     names = ["x1", "M2", "x3", "M4", "M5", "x6", "x4", "x5", "P4", "P5", "x2", "P2"]

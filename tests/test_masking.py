@@ -1,4 +1,4 @@
-"""Masking statistics (PMLM.md section 1) match the spec within sampling error."""
+"""Masking statistics (docs/layout.md) match the spec within sampling error."""
 
 from __future__ import annotations
 

@@ -33,12 +33,8 @@ from pmlm_engine.attention import (RelativePositionBias, available_backends, den
 from pmlm_engine.config import MaskingConfig
 from pmlm_engine.layout import SpecialIds, build_example_python, collate_packed, collate_padded
 
-try:
-    from pmlm_engine.kernels import pseudo_mask_attention as pma
-    from pmlm_engine.kernels import tile_stats as ts
-except ModuleNotFoundError:  # before `pip install -e .`: the repository root is on PYTHONPATH
-    from kernels import pseudo_mask_attention as pma
-    from kernels import tile_stats as ts
+from pmlm_engine.kernels import pseudo_mask_attention as pma
+from pmlm_engine.kernels import tile_stats as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
@@ -71,7 +67,7 @@ class Layout:
 
 def doc_tokens(n_main: int, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """(step, position) of one document: main part, then per step its ORIGINAL then PSEUDO tokens
-    (PMLM.md section 2); ``spans`` are ``(start, length)`` in factorization order."""
+    (docs/layout.md); ``spans`` are ``(start, length)`` in factorization order."""
     step, pos = [0] * n_main, list(range(n_main))
     for s, (start, length) in enumerate(spans, start=1):
         for sign in (1, -1):
@@ -245,24 +241,23 @@ SLOW = settings(max_examples=10, deadline=None, derandomize=True,
 @settings(max_examples=150, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lay=random_layouts(max_len=90), blocks=st.sampled_from([(16, 16), (16, 32), (32, 16), (8, 8), (64, 64)]))
-def test_tile_classes_are_sound(lay: Layout, blocks: tuple[int, int]):
-    """Every EMPTY tile has no visible pair and every FULL tile lies inside the sequence with every
-    pair visible (per ``dense_pseudo_mask``); the compact tile lists hold exactly the FULL and the
-    PARTIAL tiles of each row. Proves the classifier is conservative (no wrong skip or unmasked
-    tile) on random layouts, independently of the kernels."""
+def test_tile_classes_are_exact(lay: Layout, blocks: tuple[int, int]):
+    """A tile is EMPTY exactly when it has no visible pair and FULL exactly when it lies inside the
+    sequence with every pair visible (per ``dense_pseudo_mask``), checked tile by tile; the earlier
+    summary-based classifier is sound and the exact classes refine it (its EMPTY and FULL tiles
+    keep their class); the compact tile lists hold exactly the FULL and the PARTIAL tiles of each row."""
     bm, bn = blocks
     classes = ts.tile_classes(lay.step, lay.doc, lay.step, lay.doc, bm, bn)
+    summary = ts.summary_tile_classes(lay.step, lay.doc, lay.step, lay.doc, bm, bn)
     mask = dense_pseudo_mask(lay.step, lay.doc)
     B, L = lay.step.shape
     for b in range(B):
         for i in range(classes.shape[1]):
             for j in range(classes.shape[2]):
                 tile = mask[b, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
-                c = int(classes[b, i, j])
-                if c == ts.EMPTY:
-                    assert not tile.any(), f"row {b} tile ({i}, {j}) is EMPTY but has visible pairs"
-                elif c == ts.FULL:
-                    assert tile.shape == (bm, bn) and tile.all(), f"row {b} tile ({i}, {j}) is FULL but is not"
+                want = ts.EMPTY if not tile.any() else ts.FULL if tile.shape == (bm, bn) and tile.all() else ts.PARTIAL
+                assert int(classes[b, i, j]) == want, f"row {b} tile ({i}, {j}): {int(classes[b, i, j])} != {want}"
+    assert ((summary == ts.PARTIAL) | (summary == classes)).all()
     full_idx, full_cnt, part_idx, part_cnt = ts.tile_lists(classes)
     for b in range(B):
         for i in range(classes.shape[1]):
@@ -442,7 +437,8 @@ def test_backend_dispatch_and_custom_op():
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     args = (q.requires_grad_(), k, v, i32(lay.step), i32(lay.doc), i32(lay.step), i32(lay.doc), i32(lay.pos),
             i32(lay.pos), pma.bias_lut(table, MAX_DISTANCE), 0.125, MAX_DISTANCE,
-            [getattr(CFG32, f) for f in pma._CFG_FIELDS])
+            [getattr(CFG32, f) for f in pma._CFG_FIELDS], pma.plan_tiles(i32(lay.step), i32(lay.doc), i32(lay.step),
+                                                                         i32(lay.doc), CFG32))
     torch.library.opcheck(pma._fwd_op, args, test_utils=("test_schema", "test_faketensor",
                                                          "test_autograd_registration"))
 
@@ -477,10 +473,46 @@ def test_unavailable_without_interpreter_or_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the backend is available without the interpreter")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    code = ("try:\n from pmlm_engine.kernels import pseudo_mask_attention as m\n"
-            "except ModuleNotFoundError:\n from kernels import pseudo_mask_attention as m\n"
-            "print(m.unavailable())")
+    code = "from pmlm_engine.kernels import pseudo_mask_attention as m\nprint(m.unavailable())"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "TRITON_INTERPRET=1" in proc.stdout and "GPU" in proc.stdout
+
+
+def test_a_second_import_under_another_name_cannot_replace_the_custom_ops():
+    """Regression test of the crash that once made CI run this suite in its own process.
+
+    From the repository root the ``kernels/`` folder is also importable as a top-level ``kernels``
+    package, and libraries probe for a package of that name (transformers imports ``kernels``
+    to look for Hugging Face's kernel hub). Executing ``pseudo_mask_attention`` a second time
+    under that name redefined ``pmlm::pseudo_mask_attention_fwd``; torch then destroys the first
+    definition, and the op object the engine holds pointed to freed memory: the next call
+    segfaulted or raised ``ValueError: vector::reserve``. Now the top-level ``kernels`` is an empty
+    shell, importing the module under another name is refused, and the op stays the one defined
+    first (a use after free does not crash reliably: the freed definition's memory is often
+    reused by the new, identical one, so the test checks the definition itself)."""
+    code = (
+        "import importlib, torch\n"
+        "from pmlm_engine.kernels import pseudo_mask_attention as pma\n"
+        "q = torch.randn(1, 1, 3, 16, requires_grad=True); step = torch.zeros(1, 3, dtype=torch.long)\n"
+        "def call():\n"
+        "    out = pma.fused_pseudo_mask_attention(q, q, q, step, step, config=pma.BlockConfig.uniform(16))\n"
+        "    out.sum().backward()\n"
+        "call()\n"
+        "probe = importlib.import_module('kernels')  # what transformers' is_kernels_available() does\n"
+        "try:\n"
+        "    importlib.import_module('kernels.pseudo_mask_attention')\n"
+        "except ImportError as e:\n"
+        "    print('refused:', e)\n"
+        "from torch._library.custom_ops import OPDEFS\n"
+        "print('same op:', OPDEFS['pmlm::pseudo_mask_attention_fwd'] is pma._fwd_op)\n"
+        "call()\n"
+        "print('shell:', probe.__file__.startswith(%r), hasattr(probe, 'pseudo_mask_attention'))\n"
+        "print('ok')\n" % REPO)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MALLOC_PERTURB_": "165", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: import it as pmlm_engine.kernels.pseudo_mask_attention" in proc.stdout
+    assert "same op: True" in proc.stdout  # torch did not replace (and free) the engine's definition
+    assert "shell: True False" in proc.stdout and proc.stdout.rstrip().endswith("ok")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pmlm_engine.attention import _reference, register_backend
 from pmlm_engine.config import MaskingConfig
 from pmlm_engine.data import chunk_document
 from pmlm_engine.layout import collate_packed, collate_padded
@@ -17,28 +14,7 @@ from pmlm_engine.losses import example_index_padded, per_example_losses, pmlm_lo
 from pmlm_engine.masking import corrupt, sample_spans, shuffle_spans
 from pmlm_engine.rng import SplitMix64
 
-from .helpers import SPECIAL, random_example, tiny_model
-
-# A test-only backend that ignores the layout and attends through an explicit mask, so the
-# naive computation below never goes through the w-rule it is checking.
-_EXPLICIT: dict[str, torch.Tensor] = {}
-
-
-def _explicit_backend(q, k, v, step, doc_ids, bias, scale, dropout_p, q_step, q_doc_ids):
-    return _reference(q, k, v, _EXPLICIT["mask"], bias, scale, dropout_p)
-
-
-register_backend("explicit-test-mask", _explicit_backend)
-
-
-@contextlib.contextmanager
-def explicit_mask(model, mask: torch.Tensor):
-    _EXPLICIT["mask"] = mask
-    model.set_attention_backend("explicit-test-mask")
-    try:
-        yield
-    finally:
-        model.set_attention_backend("reference")
+from .helpers import SPECIAL, explicit_mask, random_example, tiny_model
 
 
 def _encode(model, ids, pos, seg, step=None):

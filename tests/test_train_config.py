@@ -171,17 +171,21 @@ def test_attention_backend_is_tried_in_the_training_precision():
     """A backend that cannot run under the chosen precision is refused before training, with the fix."""
     import torch
 
-    from pmlm_engine.attention import _dense_backend, _reference, register_backend
+    from pmlm_engine.attention import register_backend, unregister_backend
+    from pmlm_engine.dense_attention import DenseBackend, reference_attention
     from pmlm_engine.engine import check_attention
 
     def fp32_only(q, k, v, *args):
         if q.dtype != torch.float32:
             raise RuntimeError("expected scalar type Float")
-        return _dense_backend(_reference)(q, k, v, *args)
+        return reference_attention(q, k, v, *args)
 
-    register_backend("fp32-only-test", fp32_only)
-    check_attention("fp32-only-test", "fp32", torch.device("cpu"))
-    check_attention("sdpa", "bf16", torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"model.attention_backend='fp32-only-test' .* fails under precision=bf16 "
-                                         r".*set model.attention_backend=sdpa or precision=fp32"):
-        check_attention("fp32-only-test", "bf16", torch.device("cpu"))
+    register_backend(DenseBackend("fp32-only-test", fp32_only, supports_dropout=False))
+    try:
+        check_attention("fp32-only-test", "fp32", torch.device("cpu"))
+        check_attention("sdpa", "bf16", torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"model.attention_backend='fp32-only-test' .* fails under "
+                                             r"precision=bf16 .*set model.attention_backend=sdpa or precision=fp32"):
+            check_attention("fp32-only-test", "bf16", torch.device("cpu"))
+    finally:
+        unregister_backend("fp32-only-test")

@@ -8,7 +8,8 @@
 #       RESOURCE arch=<arch> file=<file> kernel=<name> registers=<n> spill_stores=<bytes>
 #                spill_loads=<bytes> stack=<bytes> static_smem=<bytes>
 #     (static_smem excludes dynamic shared memory, which the launcher sizes per call);
-#   * `nvcc -c` of the whole file, so the extern "C" host launcher compiles too.
+#   * `nvcc -c` of the whole file, so the extern "C" host launcher compiles too, and one line
+#       EXPORTS file=<file> symbols=<name>,<name>   (its unmangled global functions, via nm).
 # Exit status: 0 when everything compiled and no kernel spills, 1 on spills, 2 on a compile
 # error or a missing nvcc. tests/test_cuda_compile.py runs this script and parses its output.
 set -euo pipefail
@@ -91,6 +92,10 @@ for src in "${sources[@]}"; do
   first_arch="${archs%% *}"
   if "$nvcc_bin" -c -arch="$first_arch" ${extra_flags[@]+"${extra_flags[@]}"} -o "$tmp/$name.o" "$src" >"$tmp/$name.host.log" 2>&1; then
     echo "HOST_OK arch=$first_arch file=$name.cu"
+    # The unmangled (extern "C") entry points a binding or ctypes would look up.
+    if command -v nm >/dev/null 2>&1; then
+      echo "EXPORTS file=$name.cu symbols=$(nm -g --defined-only "$tmp/$name.o" | awk '$2 == "T" && $3 !~ /^_Z/ { printf "%s%s", sep, $3; sep = "," }')"
+    fi
   else
     echo "COMPILE_ERROR arch=$first_arch file=$name.cu (host object)"
     cat "$tmp/$name.host.log"
