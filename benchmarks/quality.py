@@ -245,6 +245,7 @@ def bert2bert(out: Path, files: dict[str, Path], plan: Plan, task: str, seed: in
     if result_file.is_file():
         return _read_json(result_file)
     import torch.nn.functional as F
+    from tqdm import tqdm
     from transformers import EncoderDecoderModel
     from transformers.utils import logging as hf_logging
 
@@ -277,7 +278,7 @@ def bert2bert(out: Path, files: dict[str, Path], plan: Plan, task: str, seed: in
     model.train()
     losses, step_times = [], []
     with _step(f"fine-tune bert2bert on {task}, seed {seed}"):
-        for _ in range(plan.finetune_steps):
+        for _ in tqdm(range(plan.finetune_steps), desc="fine-tune bert2bert", unit="step"):
             t0 = time.perf_counter()
             picks = [i for _, i in sampler.next()]
             src = pad([[sp.cls] + train.src[i] + [sp.sep] for i in picks], sp.pad)
@@ -433,8 +434,10 @@ def report(out: Path, lines: Sequence[dict[str, Any]], pre: Sequence[dict[str, A
     md += ["", "Pre-training (last 10-step window):", "",
            "| objective | seed | steps | AE loss | PAR loss | tokens/s |",
            "|---|---|---|---|---|---|"]
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
     for p in pre:
-        fmt = (lambda v: "" if v is None else f"{v:.3f}")
         md.append(f"| {p['objective']} | {p['seed']} | {p['steps']} | {fmt(p['ae_loss'])} | {fmt(p['par_loss'])} | "
                   f"{p['tokens_per_s']:.0f} |")
     text = "\n".join(md) + "\n"

@@ -42,7 +42,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 log = logging.getLogger("pmlm_engine.evaluate")
 
