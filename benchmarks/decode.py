@@ -1,7 +1,7 @@
 """Decoding speed: the model's key/value cache against s2s-ft's scheme (hidden states cached, keys and
 values re-projected every step), greedy and beam 5, at target length 64.
 
-    python benchmarks/decode.py [--quick]
+    python benchmarks/decode.py [--quick] [--sizes h64,small,base] [--threads 1]
 
 Both schemes run the same :class:`pmlm_engine.model.PMLMModel` weights, the same attention
 function and the same search code (:func:`pmlm_engine.decode.greedy_search` /
@@ -9,12 +9,17 @@ function and the same search code (:func:`pmlm_engine.decode.greedy_search` /
 
 * ``kv_cache`` (:class:`pmlm_engine.decode.CachedScorer`): each token's keys and values are
   projected once and kept per layer; a step runs the layers on its two new tokens.
+* ``kv_static`` (:class:`pmlm_engine.decode.StaticCachedScorer`): the same on a fixed-capacity
+  cache, fixed shapes and no host reads per step (the CUDA-graph-capturable path); on the CPU it
+  pays for attending the whole capacity.
 * ``s2s_ft`` (:class:`HiddenStateScorer` below, as microsoft/unilm s2s-ft's ``BertModelIncr``):
   each layer's *input hidden states* are kept; a step projects keys and values of the whole
   history again (``key(cat(history, new))``), so its cost grows with source + target length.
 
-Setup: MiniLM-L6 shape (6 layers, hidden 384, 12 heads, FFN 1536, vocabulary 30,522) with
-UniLMv2's relative position bias, random weights, fp32, eval mode; source of ``SRC_LEN``
+Setup: model sizes (``--sizes``) ``h64`` (4 layers, hidden 64, 4 heads, FFN 256), ``small``
+(MiniLM-L6 shape: 6 layers, hidden 384, 12 heads, FFN 1536) and ``base`` (BERT-base shape), all
+with vocabulary 30,522 and UniLMv2's relative position bias, random weights, fp32, eval mode
+(default: ``small`` only); source of ``SRC_LEN``
 tokens; exactly 64 target tokens (``[SEP]`` forbidden before, ``max_len`` 64). Both schemes
 produce the same tokens (checked, ``same_tokens`` column). Throughput is target tokens per
 second (beam search: output tokens, each sentence's 64 counted once), for the decoding steps
@@ -28,18 +33,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from common import environment, markdown_table
 from torch import Tensor
 
-from common import environment, markdown_table
 from pmlm_engine.attention import RelativePositionBias, pseudo_mask_attention
-from pmlm_engine.config import ModelConfig
-from pmlm_engine.decode import CachedScorer, DecodeConfig, beam_search, greedy_search, source_batch
+from pmlm_engine.config import PRESETS, ModelConfig
+from pmlm_engine.decode import CachedScorer, DecodeConfig, StaticCachedScorer, beam_search, greedy_search, source_batch
 from pmlm_engine.layout import SpecialIds
 from pmlm_engine.model import PMLMModel
 
@@ -117,6 +123,7 @@ class DecodeResult:
     """One table row: a scheme at one search setting (times are medians over repeats)."""
 
     scheme: str
+    size: str
     search: str
     batch: int
     src_len: int
@@ -158,31 +165,47 @@ class _Timed:
         self.inner.reorder(index)
 
 
-def build_model(seed: int = 0) -> PMLMModel:
+SIZES = {"h64": dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256, max_position=512),
+         "small": PRESETS["small"], "base": PRESETS["base"]}
+
+
+def build_model(seed: int = 0, size: str = "small") -> PMLMModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig.preset("small", vocab_size=30522, rel_pos_buckets=32)
+    cfg = ModelConfig(**{**SIZES[size], "vocab_size": 30522, "rel_pos_buckets": 32})
     model = PMLMModel(cfg).eval()
     with torch.no_grad():  # a trained-looking bias table instead of the 0.02-std init
         model.rel_pos_bias.weight.normal_(0, 1.0)
     return model
 
 
-def run_decode_suite(quick: bool, smoke: bool = False) -> list[dict]:
-    """Cached vs s2s-ft-style decoding at target length 64: greedy and beam 5 at batch 1 (quick), plus greedy
-    at batch 8 and beam 5 at batch 4 (full). ``smoke``: greedy and beam 5 at source 32, target 8, one repeat
-    (that the suite runs and reports, for CI; not how fast). Rows as dicts (:class:`DecodeResult`)."""
-    model = build_model()
+def run_decode_suite(quick: bool, smoke: bool = False, sizes: Sequence[str] = ("small",),
+                     searches: Sequence[str] = ("greedy", "beam5")) -> list[dict]:
+    """Cached (growing and static) vs s2s-ft-style decoding at target length 64: greedy and beam 5 at batch 1
+    (quick), plus greedy at batch 8 and beam 5 at batch 4 (full), per model size. ``smoke``: greedy and beam 5
+    at source 32, target 8, one repeat (that the suite runs and reports, for CI; not how fast). Rows as dicts
+    (:class:`DecodeResult`)."""
+    rows: list[dict] = []
+    for size in sizes:
+        rows += _suite_at(size, quick, smoke, searches)
+    return rows
+
+
+def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str]) -> list[dict]:
+    model = build_model(size=size)
     g = torch.Generator().manual_seed(1)
     settings = [("greedy", 1, 1), ("beam5", 5, 1)] + ([] if quick or smoke else [("greedy", 1, 8), ("beam5", 5, 4)])
+    settings = [s for s in settings if s[0] in searches]
     repeats = 1 if smoke else 3 if quick else 5
     src_len, tgt_len = (32, 8) if smoke else (SRC_LEN, TGT_LEN)
     rows: list[dict] = []
+    schemes = {"kv_cache": CachedScorer, "kv_static": lambda m, sp: StaticCachedScorer(m, sp, tgt_len),
+               "s2s_ft": HiddenStateScorer}
     for search, beam, batch in settings:
         sources = torch.randint(SPECIAL.random_lo, SPECIAL.random_hi, (batch, src_len), generator=g).tolist()
         cfg = DecodeConfig(beam_size=beam, max_len=tgt_len, min_len=tgt_len - 1)
         outputs: dict[str, list[list[int]]] = {}
-        totals: dict[str, list[float]] = {"kv_cache": [], "s2s_ft": []}
-        encodes: dict[str, list[float]] = {"kv_cache": [], "s2s_ft": []}
+        totals: dict[str, list[float]] = {k: [] for k in schemes}
+        encodes: dict[str, list[float]] = {k: [] for k in schemes}
 
         def run(name: str, scorer_cls) -> None:
             scorer = _Timed(scorer_cls(model, SPECIAL), encodes[name])
@@ -195,15 +218,15 @@ def run_decode_suite(quick: bool, smoke: bool = False) -> list[dict]:
             outputs[name] = [h.tokens for h in hyps]
 
         for _ in range(1 + repeats):  # round-robin; the first round is warm-up
-            run("kv_cache", CachedScorer)
-            run("s2s_ft", HiddenStateScorer)
-        same = outputs["kv_cache"] == outputs["s2s_ft"]
+            for name, cls in schemes.items():
+                run(name, cls)
+        same = outputs["kv_cache"] == outputs["s2s_ft"] == outputs["kv_static"]
         tot = {k: v[1:] for k, v in totals.items()}
         dec = {k: [a - b for a, b in zip(v[1:], encodes[k][1:])] for k, v in totals.items()}
-        for scheme in ("kv_cache", "s2s_ft"):
+        for scheme in schemes:
             d, t = statistics.median(dec[scheme]), statistics.median(tot[scheme])
             rows.append(dataclasses.asdict(DecodeResult(
-                scheme=scheme, search=search, batch=batch, src_len=src_len, tgt_len=tgt_len, repeats=repeats,
+                scheme=scheme, size=size, search=search, batch=batch, src_len=src_len, tgt_len=tgt_len, repeats=repeats,
                 total_s=t, encode_s=statistics.median(encodes[scheme][1:]), decode_s=d,
                 tokens_per_s=batch * tgt_len / d, e2e_tokens_per_s=batch * tgt_len / t,
                 decode_speedup=statistics.median(a / b for a, b in zip(dec["s2s_ft"], dec[scheme])),
@@ -216,15 +239,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
+    p.add_argument("--search", default="greedy,beam5", help="comma-separated: greedy, beam5 (default both)")
+    p.add_argument("--sizes", default="small", help=f"comma-separated model sizes of {sorted(SIZES)} (default small)")
     args = p.parse_args(argv)
+    sizes = args.sizes.split(",")
+    unknown = sorted(set(sizes) - set(SIZES))
+    if unknown:
+        p.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    print(f"model: MiniLM-L6 shape + relative bias, fp32, random weights; source {SRC_LEN} tokens, "
-          f"target {TGT_LEN} tokens\n")
-    rows = run_decode_suite(args.quick)
-    print(markdown_table(rows, ["search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s",
+    print(f"models: {', '.join(sizes)} + relative bias, fp32, random weights; source {SRC_LEN} tokens, "
+          f"target {TGT_LEN} tokens; load average before: {os.getloadavg()}\n")
+    rows = run_decode_suite(args.quick, sizes=sizes, searches=args.search.split(","))
+    print(f"load average after: {os.getloadavg()}")
+    print(markdown_table(rows, ["size", "search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s",
                                 "e2e_tokens_per_s", "decode_speedup", "e2e_speedup", "same_tokens"]))
 
 

@@ -64,7 +64,7 @@ COLUMNS: dict[str, list[str]] = {
                "prepass_mb_per_step_before", "prepass_mb_per_step_now"],
     "step": ["preset", "dtype", "attention", "ranks", "variant", "batch", "max_len", "passes", "step_median_ms",
              "step_p20_ms", "step_p80_ms", "tokens_per_s", "vs_mlm", "naive_over_this"],
-    "decode": ["search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s", "e2e_tokens_per_s",
+    "decode": ["size", "search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s", "e2e_tokens_per_s",
                "decode_speedup", "e2e_speedup", "same_tokens"],
     "data": ["builder", "main_len", "median_examples_per_s", "p20_examples_per_s", "p80_examples_per_s",
              "median_tokens_per_s", "speedup_vs_python"],

@@ -156,7 +156,9 @@ def resolve_backend(backend: str, device: torch.device, dropout_p: float = 0.0) 
                          f"{sorted([*_BACKENDS, *_MISSING])}")
     why = _why_unavailable(backend)
     if why is not None:
-        raise RuntimeError(f"attention backend {backend!r} is unavailable: {why}")
+        from .errors import EnvironmentUnavailableError  # a RuntimeError: the CLIs report it as exit code 7
+
+        raise EnvironmentUnavailableError(f"attention backend {backend!r} is unavailable: {why}")
     return backend
 
 

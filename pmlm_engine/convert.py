@@ -1,4 +1,4 @@
-"""Checkpoint interop: Hugging Face BERT and UniLMv2 (s2s-ft) weights in, Hugging Face BERT out.
+"""Checkpoint interop: Hugging Face BERT and UniLMv2 (s2s-ft) weights in, Hugging Face BERT and s2s-ft out.
 
 Our parameter names are Hugging Face ``BertModel``'s without the ``bert.`` prefix, plus
 ``rel_pos_bias.weight`` ``(heads, buckets)`` and the tied MLM head ``lm_head.*``
@@ -6,14 +6,21 @@ Our parameter names are Hugging Face ``BertModel``'s without the ``bert.`` prefi
 
 * ``bert.`` / ``module.`` prefixes are stripped; TF-era ``LayerNorm.gamma/beta`` become ``weight/bias``;
 * ``cls.predictions.transform.*`` -> ``lm_head.transform.*``, ``cls.predictions.bias`` ->
-  ``lm_head.bias``; ``cls.predictions.decoder.weight`` must equal the word embedding (our head
-  is tied; an untied decoder is refused, not dropped), ``cls.predictions.decoder.bias`` must
-  equal ``cls.predictions.bias``;
+  ``lm_head.bias``; ``cls.predictions.decoder.weight`` (Hugging Face) and
+  ``cls.predictions.decoder_weight`` (s2s-ft's fine-tuned checkpoints, whose LM head holds the
+  embedding as a plain attribute) must equal the word embedding (our head is tied; an untied
+  decoder is refused, not dropped), ``cls.predictions.decoder.bias`` must equal
+  ``cls.predictions.bias``;
+* s2s-ft layouts: the pre-trained UniLMv2 table ``bert.rel_pos_bias.weight`` and the name s2s-ft's
+  own converter gives it, ``bert.encoder.rel_pos_bias.weight``, both become ``rel_pos_bias.weight``;
+  a fine-tuned checkpoint's ``crit_mask_lm_smoothed.one_hot`` (the label-smoothing loss's constant
+  target row, a buffer, no weight) is ignored and listed;
 * UniLMv2 fused attention (PMLM.md section 5): ``attention.self.qkv_linear.weight`` ``(3C, C)``
   is split into query / key / value rows in that order; ``q_bias`` and ``v_bias`` are the
   query and value biases; the key bias is zero;
 * ignored, and listed in the :class:`ImportReport`: ``pooler.*``, ``cls.seq_relationship.*``
-  (next-sentence head) and the ``embeddings.position_ids`` buffer. Any other unknown key is an error.
+  (next-sentence head), the ``embeddings.position_ids`` buffer and s2s-ft's
+  ``crit_mask_lm_smoothed.one_hot``. Any other unknown key is an error.
 
 The configuration comes from tensor shapes (vocabulary, width, layers, FFN width, positions,
 segments, relative-bias buckets and heads) and, for what shapes cannot tell, from a
@@ -31,6 +38,14 @@ schema. A relative bias table has no place in ``BertModel``: it is written as
 :func:`import_checkpoint` reads back and ``transformers`` ignores -- with a warning logged here,
 because such a model then computes something else under ``transformers``.
 
+:func:`export_s2sft` writes s2s-ft's *fine-tuned* layout instead, the one its
+``decode_seq2seq.py`` loads: ``pytorch_model.bin`` with separate query/key/value, the bias table
+as ``bert.rel_pos_bias.weight``, ``cls.predictions.decoder_weight`` (the tied embedding, stored
+as s2s-ft's ``save_pretrained`` stores it), the label-smoothing buffer when ``label_smoothing > 0``,
+and a ``config.json`` in s2s-ft's ``BertForSeq2SeqConfig`` schema (``source_type_id`` 0,
+``target_type_id`` 1, ``rel_pos_bins``, ``max_rel_pos``, ``label_smoothing``); the tokenizer's
+``vocab.txt`` is copied beside it when the model folder has one.
+
 Nothing here unpickles arbitrary objects: ``.bin`` files are read with ``torch.load(weights_only=True)``.
 
 CLI::
@@ -38,6 +53,7 @@ CLI::
     python -m pmlm_engine.convert import minilm runs/minilm            # HF BERT -> model folder
     python -m pmlm_engine.convert import unilm2.bin runs/unilm2 --num-heads 12
     python -m pmlm_engine.convert export-hf runs/news-ft runs/news-ft-hf   # model folder -> HF BERT
+    python -m pmlm_engine.convert export-s2s-ft runs/news-ft/final runs/news-ft-s2sft  # -> s2s-ft fine-tuned
 """
 
 from __future__ import annotations
@@ -47,24 +63,30 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .checkpoint import CONFIG as OUR_CONFIG
-from .checkpoint import atomic_dir, load_model, read_config, save_model
+from .checkpoint import atomic_dir, check_finite, load_model, model_tokenizer, read_config, read_safetensors, save_model
 from .config import ModelConfig
+from .errors import run_cli
 from .model import PMLMModel
+from .outputs import check_output_dir
 
 log = logging.getLogger(__name__)
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_IGNORED = (re.compile(r"^pooler\."), re.compile(r"^cls\.seq_relationship\."), re.compile(r"^embeddings\.position_ids$"))
+_IGNORED = (re.compile(r"^pooler\."), re.compile(r"^cls\.seq_relationship\."),
+            re.compile(r"^embeddings\.position_ids$"), re.compile(r"^crit_mask_lm_smoothed\.one_hot$"))
+S2SFT_SMOOTHING_KEY = "crit_mask_lm_smoothed.one_hot"
+"""s2s-ft's ``LabelSmoothingLoss`` buffer, saved in every fine-tuned checkpoint trained with smoothing."""
 _LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.")
 
 
@@ -111,7 +133,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Optiona
     """
     weights, cfg_file = _resolve_weights(Path(path))
     if weights.suffix == ".safetensors":
-        state = load_file(str(weights))
+        state = read_safetensors(weights)
     elif weights.suffix in (".bin", ".pt", ".pth"):
         try:
             state = torch.load(str(weights), map_location="cpu", weights_only=True)
@@ -126,6 +148,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Optiona
         raise ValueError(f"{weights}: unknown weights suffix {weights.suffix!r}; expected .safetensors or .bin")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{weights} does not hold a flat name -> tensor state dict")
+    check_finite(state, f"checkpoint {weights}")
     config = None
     if cfg_file is not None:
         try:
@@ -152,6 +175,8 @@ def normalize_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], s
                 k = k[len(prefix):]
         k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
         k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
+        if k == "encoder.rel_pos_bias.weight":  # s2s-ft's converter's name for the bias table
+            k = "rel_pos_bias.weight"
         if k in renamed:
             raise ValueError(f"checkpoint keys {key!r} and another key both map to {k!r}: mixed prefixes?")
         renamed[k] = value
@@ -161,6 +186,7 @@ def normalize_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], s
     fused: dict[str, dict[str, Tensor]] = {}
     unknown: list[str] = []
     decoder_w = decoder_b = None
+    decoder_key = ""
     for k, v in renamed.items():
         if any(p.search(k) for p in _IGNORED):
             ignored.append(k)
@@ -168,8 +194,11 @@ def normalize_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], s
             out["lm_head.transform." + k[len("cls.predictions.transform."):]] = v
         elif k == "cls.predictions.bias":
             out["lm_head.bias"] = v
-        elif k == "cls.predictions.decoder.weight":
-            decoder_w = v
+        elif k in ("cls.predictions.decoder.weight", "cls.predictions.decoder_weight"):
+            if decoder_w is not None:
+                raise ValueError("checkpoint holds both cls.predictions.decoder.weight and "
+                                 "cls.predictions.decoder_weight; expected one LM decoder")
+            decoder_w, decoder_key = v, k
         elif k == "cls.predictions.decoder.bias":
             decoder_b = v
         elif (m := re.match(r"^(encoder\.layer\.\d+\.attention\.self)\.(qkv_linear\.weight|q_bias|v_bias)$", k)):
@@ -199,9 +228,9 @@ def normalize_state_dict(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], s
     emb = out.get("embeddings.word_embeddings.weight")
     if decoder_w is not None:
         if emb is None or decoder_w.shape != emb.shape or not torch.equal(decoder_w, emb):
-            raise ValueError("cls.predictions.decoder.weight differs from embeddings.word_embeddings.weight: our LM "
+            raise ValueError(f"{decoder_key} differs from embeddings.word_embeddings.weight: our LM "
                              "head is tied to the input embedding and cannot hold an untied decoder")
-        ignored.append("cls.predictions.decoder.weight (tied)")
+        ignored.append(f"{decoder_key} (tied)")
     if decoder_b is not None:
         bias = out.get("lm_head.bias")
         if bias is None:
@@ -403,6 +432,51 @@ def export_hf(model: PMLMModel, out_dir: str | os.PathLike, lm_head: bool = True
     return Path(out_dir)
 
 
+def to_s2sft_state_dict(model: PMLMModel, label_smoothing: float = 0.0) -> dict[str, Tensor]:
+    """s2s-ft's fine-tuned names (``BertForSequenceToSequenceWithPseudoMask.state_dict()``).
+
+    ``bert.*`` with separate query/key/value, ``bert.rel_pos_bias.weight``, ``cls.predictions.*``
+    plus ``cls.predictions.decoder_weight`` (the word embedding itself: s2s-ft's LM head holds it
+    as an attribute, so its state dict lists it twice), and, for ``label_smoothing > 0``,
+    ``crit_mask_lm_smoothed.one_hot`` ``(1, V)``: ``eps / (V - 2)`` everywhere except 0 at the
+    padding id 0, as s2s-ft's loss builds it.
+    """
+    state = to_hf_state_dict(model)
+    state["cls.predictions.decoder_weight"] = state["bert.embeddings.word_embeddings.weight"]
+    if label_smoothing > 0:
+        v = model.config.vocab_size
+        one_hot = torch.full((1, v), label_smoothing / (v - 2))
+        one_hot[0, 0] = 0.0
+        state[S2SFT_SMOOTHING_KEY] = one_hot
+    return state
+
+
+def s2sft_config_dict(cfg: ModelConfig, label_smoothing: float = 0.0) -> dict[str, Any]:
+    """``config.json`` in s2s-ft's ``BertForSeq2SeqConfig`` schema (read by its ``decode_seq2seq.py``)."""
+    d = hf_config_dict(cfg, "BertForSequenceToSequenceWithPseudoMask")
+    d.update(label_smoothing=label_smoothing, source_type_id=0, target_type_id=1,
+             rel_pos_bins=cfg.rel_pos_buckets, max_rel_pos=cfg.rel_pos_max_distance if cfg.rel_pos_buckets else 0,
+             fix_word_embedding=False)
+    return d
+
+
+def export_s2sft(model: PMLMModel, out_dir: str | os.PathLike, label_smoothing: float = 0.0,
+                 tokenizer: Optional[str | os.PathLike] = None) -> Path:
+    """Write s2s-ft's fine-tuned layout: ``pytorch_model.bin`` + ``config.json`` (+ ``vocab.txt``).
+
+    ``decode_seq2seq.py --model_path OUT --tokenizer_name OUT/vocab.txt`` loads it. Written
+    atomically. ``tokenizer``: a ``vocab.txt`` to copy beside the weights (other tokenizer
+    files are not s2s-ft's and are not copied).
+    """
+    state = to_s2sft_state_dict(model, label_smoothing)
+    with atomic_dir(out_dir) as tmp:
+        torch.save(state, str(tmp / "pytorch_model.bin"))
+        (tmp / "config.json").write_text(json.dumps(s2sft_config_dict(model.config, label_smoothing), indent=2))
+        if tokenizer is not None and Path(tokenizer).name == "vocab.txt":
+            shutil.copyfile(tokenizer, tmp / "vocab.txt")
+    return Path(out_dir)
+
+
 # --------------------------------------------------------------------------- any source
 
 
@@ -434,7 +508,7 @@ def load_any(spec: str | os.PathLike, num_heads: Optional[int] = None,
         if rel_pos_buckets is not None:
             raise ValueError(f"{path} is a pmlm_engine model folder; rel_pos_buckets applies to imports only")
         model = load_model(path, **overrides)
-        return model, read_config(path).get("tokenizer")
+        return model, model_tokenizer(path)
     model, _ = import_checkpoint(path, num_heads=num_heads, rel_pos_buckets=rel_pos_buckets, **overrides)
     folder = path if path.is_dir() else path.parent
     vocab = folder / "vocab.txt"
@@ -445,7 +519,11 @@ def load_any(spec: str | os.PathLike, num_heads: Optional[int] = None,
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m pmlm_engine.convert {import,export-hf}``."""
+    """``python -m pmlm_engine.convert {import,export-hf}``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -459,19 +537,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     p_exp.add_argument("model", help="model folder written by pmlm_engine")
     p_exp.add_argument("out", help="folder to write (model.safetensors + config.json)")
     p_exp.add_argument("--no-lm-head", action="store_true", help="write BertModel names (no MLM head)")
+    p_s2s = sub.add_parser("export-s2s-ft", help="pmlm_engine model folder -> s2s-ft fine-tuned checkpoint folder")
+    p_s2s.add_argument("model", help="model folder written by pmlm_engine")
+    p_s2s.add_argument("out", help="folder to write (pytorch_model.bin + config.json + vocab.txt)")
+    p_s2s.add_argument("--label-smoothing", type=float, default=None,
+                       help="recorded in config.json and the loss buffer (default: the fine-tuning's, else 0)")
+    for sp in (p_imp, p_exp, p_s2s):
+        sp.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder that pmlm_engine did not write (its other files are kept)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.cmd == "import":
-            model, tok = load_any(args.source, num_heads=args.num_heads, rel_pos_buckets=args.rel_pos_buckets)
-            save_model(model, args.out, extra={"tokenizer": tok} if tok else None)
-            print(f"wrote {args.out} ({model.num_parameters() / 1e6:.1f}M parameters)")
-        else:
-            export_hf(load_model(args.model), args.out, lm_head=not args.no_lm_head)
-            print(f"wrote {args.out}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    source = args.source if args.cmd == "import" else args.model
+    check_output_dir(args.out, inputs=[source], overwrite=args.overwrite)  # before any work
+    if args.cmd == "import":
+        model, tok = load_any(args.source, num_heads=args.num_heads, rel_pos_buckets=args.rel_pos_buckets)
+        save_model(model, args.out, extra={"tokenizer": tok} if tok else None)
+        print(f"wrote {args.out} ({model.num_parameters() / 1e6:.1f}M parameters)")
+    elif args.cmd == "export-s2s-ft":
+        eps = args.label_smoothing
+        if eps is None:
+            eps = float(read_config(args.model).get("finetune", {}).get("label_smoothing", 0.0))
+        export_s2sft(load_model(args.model), args.out, eps, model_tokenizer(args.model))
+        print(f"wrote {args.out}")
+    else:
+        export_hf(load_model(args.model), args.out, lm_head=not args.no_lm_head)
+        print(f"wrote {args.out}")
     return 0
 
 

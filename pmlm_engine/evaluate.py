@@ -22,12 +22,26 @@ When both sides carry ids (JSONL or built-in) they are matched by id and every r
 needs exactly one prediction; otherwise they are matched by line order and the counts must be
 equal. Mismatches are errors naming the ids or counts. Empty predictions score 0 and are counted.
 
-``--lead N`` adds the baseline "first N words of the source" (needs sources: JSONL references
-with ``"src"`` or a built-in split).
+Repetition (``--repetition``): per system, the share of predictions that repeat a content word
+(a lowercase alphanumeric word outside :data:`STOPWORDS`, e.g. "perl module for perl") and the
+share that repeat a word bigram (:func:`repetition_rates`).
+
+Baselines (``--baseline``, repeatable; they need sources: JSONL references with ``"src"`` or a
+built-in split):
+
+* ``lead-words:N``: the first ``N`` whitespace-separated words of the source (``--lead N`` is
+  the same; its row is named ``lead-N``);
+* ``lead-sentences:K``: the first ``K`` sentences of the source (row ``lead-K-sentences``), split
+  by :func:`split_sentences`' rule: a sentence ends at ``.``, ``!`` or ``?`` (plus any closing
+  quotes or brackets) followed by whitespace and an uppercase letter, a digit or an opening
+  quote, unless the word ending in ``.`` is a known abbreviation (``Mr.``, ``Dr.``, ``St.``,
+  ``Jan.``, ``Inc.``, ``e.g.``, ...), a single letter (an initial) or letters joined by dots
+  (``U.S.``). Newlines always end a sentence. A rule, not a model: it misses boundaries after
+  an abbreviation that really ends a sentence.
 
 ``--bootstrap N`` adds 95% confidence intervals for ROUGE-1/2/L (percentile bootstrap: N
 resamples of the examples with replacement, seeded by ``--bootstrap-seed``), and, for every
-prediction file against every lead baseline, the interval of the paired difference on the
+prediction file against every baseline, the interval of the paired difference on the
 same resamples (a win is a win when that interval is above 0). BLEU, a corpus statistic, gets
 no interval.
 """
@@ -44,9 +58,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .errors import run_cli
+from .outputs import atomic_file, check_output_file, json_safe
+
 log = logging.getLogger("pmlm_engine.evaluate")
 
 _SENT_END = re.compile(r"(?<=[.!?])\s+")
+_BOUNDARY = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s+[\"'\u201c\u2018(\[]?[A-Z0-9])")
+_ABBREVIATIONS = frozenset("""mr mrs ms dr st jr sr prof gen gov sen rep lt col sgt capt cmdr adm maj rev hon pres
+    inc ltd co corp bros dept univ assn ave blvd rd mt ft vs etc e.g i.e al approx est fig
+    jan feb mar apr jun jul aug sep sept oct nov dec""".split())
 
 
 @dataclass
@@ -141,6 +162,63 @@ def bootstrap_ci(values: Sequence[float], indices: Any, level: float = 0.95) -> 
 def lead(text: str, n_words: int) -> str:
     """The first ``n_words`` whitespace-separated words of ``text``."""
     return " ".join(text.split()[:n_words])
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` by the rule in the module docstring (whitespace inside kept as is)."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        start = 0
+        for m in _BOUNDARY.finditer(line):
+            if line[m.start()] == ".":
+                word = line[start:m.start()].split()[-1:] or [""]
+                w = word[0].lstrip("\"'(\u201c\u2018[").lower()
+                if w in _ABBREVIATIONS or (len(w) == 1 and w.isalpha()) or re.fullmatch(r"(?:[a-z]\.)+[a-z]", w):
+                    continue
+            out.append(line[start:m.end()].strip())
+            start = m.end()
+        rest = line[start:].strip()
+        if rest:
+            out.append(rest)
+    return [s for s in out if s]
+
+
+def lead_sentences(text: str, k: int) -> str:
+    """The first ``k`` sentences of ``text`` (:func:`split_sentences`), joined by a space."""
+    return " ".join(split_sentences(text)[:k])
+
+
+BASELINES = ("lead-words", "lead-sentences")
+
+STOPWORDS = frozenset("""a an the of in on at to for from by with and or but as is are was were be been it its
+    this that these those he she they we you i his her their our your not no s t""".split())
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def repetition_rates(texts: Sequence[str]) -> dict[str, float]:
+    """Percent of ``texts`` repeating a content word / a word bigram (lowercased alphanumeric words)."""
+    word = bigram = 0
+    for text in texts:
+        words = _WORD.findall(text.lower())
+        content = [w for w in words if w not in STOPWORDS]
+        word += len(set(content)) < len(content)
+        pairs = list(zip(words, words[1:]))
+        bigram += len(set(pairs)) < len(pairs)
+    n = max(len(texts), 1)
+    return {"repeated_word_pct": 100.0 * word / n, "repeated_bigram_pct": 100.0 * bigram / n}
+
+
+def parse_baseline(spec: str) -> tuple[str, int]:
+    """``"lead-words:N"`` / ``"lead-sentences:K"`` -> ``(kind, count)`` (``ValueError`` naming the fix)."""
+    kind, _, count = spec.partition(":")
+    if kind not in BASELINES or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--baseline {spec!r}: expected lead-words:N or lead-sentences:K with a positive count")
+    return kind, int(count)
+
+
+def baseline(kind: str, count: int, source: str) -> str:
+    """The baseline ``kind`` (:data:`BASELINES`) of one source."""
+    return lead(source, count) if kind == "lead-words" else lead_sentences(source, count)
 
 
 # --------------------------------------------------------------------------- reading
@@ -265,53 +343,76 @@ def bootstrap_report(rows: Sequence[Scores], outputs: Sequence[Sequence[str]], r
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pmlm_engine.evaluate``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", nargs="*", default=[], help="prediction files (JSONL from decode, or plain text)")
     p.add_argument("--ref", required=True, help="references: JSONL, plain text, or a built-in split (news:test)")
     p.add_argument("--lead", type=int, nargs="*", default=[], metavar="N",
-                   help="add lead-N baselines (first N words of the source)")
+                   help="add lead-N baselines (first N words of the source; = --baseline lead-words:N)")
+    p.add_argument("--baseline", action="append", default=[], metavar="KIND:N",
+                   help="add a baseline: lead-words:N (first N words) or lead-sentences:K (first K sentences); "
+                        "repeatable")
     p.add_argument("--cased-bleu", action="store_true", help="case-sensitive BLEU (default: lowercased)")
+    p.add_argument("--repetition", action="store_true",
+                   help="also report the share of predictions repeating a content word / a word bigram")
     p.add_argument("--output", default=None, help="write the scores as JSON here")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N",
                    help="95%% bootstrap intervals of ROUGE-1/2/L from N resamples, and of each prediction file's "
-                        "difference to each lead baseline (default 0: off; 1000 is usual)")
+                        "difference to each baseline (default 0: off; 1000 is usual)")
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resamples (default 0)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if not args.pred and not args.lead:
-            raise ValueError("nothing to score: give --pred FILE and/or --lead N")
-        refs = read_references(args.ref)
-        rows: list[Scores] = []
-        outputs: list[list[str]] = []  # each row's texts, for the bootstrap
-        for f in args.pred:
-            texts = align(read_predictions(f), refs)
-            rows.append(score(texts, refs.texts, Path(f).name, not args.cased_bleu))
-            outputs.append(texts)
-        for n in args.lead:
-            if refs.sources is None:
-                raise ValueError(f"--lead needs sources: {args.ref} has no \"src\" field")
-            if n < 1:
-                raise ValueError(f"--lead {n}: expected a positive number of words")
-            outputs.append([lead(s, n) for s in refs.sources])
-            rows.append(score(outputs[-1], refs.texts, f"lead-{n}", not args.cased_bleu))
-        if args.bootstrap < 0:
-            raise ValueError(f"--bootstrap {args.bootstrap}: expected 0 (off) or a number of resamples")
-        intervals = (bootstrap_report(rows, outputs, refs.texts, len(args.pred), args.bootstrap, args.bootstrap_seed)
-                     if args.bootstrap else None)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    from .cli import quiet_dependencies
+
+    quiet_dependencies()  # absl's "Using default tokenizer." once per system
+    baselines = [("lead-words", n) for n in args.lead] + [parse_baseline(b) for b in args.baseline]
+    if not args.pred and not baselines:
+        raise ValueError("nothing to score: give --pred FILE and/or --baseline lead-words:N | lead-sentences:K")
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap {args.bootstrap}: expected 0 (off) or a number of resamples")
+    if args.output:  # before any work: not a folder, not one of the inputs
+        check_output_file(args.output, inputs=[args.ref, *args.pred])
+    refs = read_references(args.ref)
+    rows: list[Scores] = []
+    outputs: list[list[str]] = []  # each row's texts, for the bootstrap
+    repetition: dict[str, dict[str, float]] = {}
+    for f in args.pred:
+        preds = align(read_predictions(f), refs)
+        rows.append(score(preds, refs.texts, Path(f).name, not args.cased_bleu))
+        outputs.append(preds)
+        if args.repetition:
+            repetition[Path(f).name] = repetition_rates(preds)
+    for kind, n in baselines:
+        if refs.sources is None:
+            raise ValueError(f"baselines need sources: {args.ref} has no \"src\" field")
+        if n < 1:
+            raise ValueError(f"--lead {n}: expected a positive number of words")
+        name = f"lead-{n}" if kind == "lead-words" else f"lead-{n}-sentences"
+        outputs.append([baseline(kind, n, s) for s in refs.sources])
+        rows.append(score(outputs[-1], refs.texts, name, not args.cased_bleu))
+    intervals = (bootstrap_report(rows, outputs, refs.texts, len(args.pred), args.bootstrap, args.bootstrap_seed)
+                 if args.bootstrap else None)
     print(markdown(rows))
     if intervals:
         print(intervals["markdown"])
+    if args.repetition:
+        repetition["references"] = repetition_rates(refs.texts)
+        for name, rates in repetition.items():
+            print(f"{name}: {rates['repeated_word_pct']:.1f}% repeat a content word, "
+                  f"{rates['repeated_bigram_pct']:.1f}% a word bigram")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        result: dict[str, Any] = {"references": args.ref, "scores": [asdict(r) for r in rows]}
+        out: dict[str, Any] = {"references": args.ref, "scores": [asdict(r) for r in rows]}
+        if args.repetition:
+            out["repetition"] = repetition
         if intervals:
-            result["bootstrap"] = {k: v for k, v in intervals.items() if k != "markdown"}
-        Path(args.output).write_text(json.dumps(result, indent=2))
+            out["bootstrap"] = {k: v for k, v in intervals.items() if k != "markdown"}
+        with atomic_file(args.output) as fh:
+            fh.write(json.dumps(json_safe(out), indent=2, allow_nan=False))
     return 0
 
 

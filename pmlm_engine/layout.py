@@ -119,14 +119,20 @@ def build_seq2seq_example(
     special: SpecialIds,
     target_mask_prob: float = 0.0,
     seed: int = 0,
+    recipe: str = "pmlm",
+    keep_prob: float = 0.1,
+    random_prob: float = 0.1,
 ) -> Example:
     """Sequence-to-sequence layout (docs/finetuning.md).
 
     Main part ``[CLS] source [SEP]`` (segment 0); target ``t_1 .. t_T`` (``[SEP]``
     appended by the caller when it is the end-of-sequence token) becomes T one-token
-    steps in left-to-right order at positions ``|main| + i - 1`` in segment 1. The
-    ORIGINAL copy of ``t_i`` is replaced by ``[MASK]`` with probability
-    ``target_mask_prob`` (s2s-ft's corruption); labels sit on the PSEUDO tokens only.
+    steps in left-to-right order at positions ``|main| + i - 1`` in segment 1. Labels sit on
+    the PSEUDO tokens only. The corruption depends on ``recipe``:
+
+    * ``"pmlm"``: every ``[P]`` input is the pseudo token; the ORIGINAL copy of ``t_i`` is
+      replaced by ``[MASK]`` with probability ``target_mask_prob``.
+    * ``"s2s-ft"`` (:func:`s2sft_corruption`): s2s-ft's fine-tuning corruption (its ``mask_way v2``).
     """
     main = np.asarray([special.cls, *source, special.sep], dtype=np.int64)
     tgt = np.asarray(target, dtype=np.int64)
@@ -134,17 +140,53 @@ def build_seq2seq_example(
         raise ValueError("empty target: a sequence-to-sequence example needs at least one target token")
     m = len(main)
     rng = SplitMix64(seed)
-    teacher = tgt.copy()
-    if target_mask_prob > 0:
-        for i in range(len(tgt)):
-            if rng.uniform() < target_mask_prob:
-                teacher[i] = special.mask
+    pseudo = None
+    if recipe == "s2s-ft":
+        teacher, pseudo = s2sft_corruption(tgt, special, target_mask_prob, keep_prob, random_prob, rng)
+    elif recipe == "pmlm":
+        teacher = tgt.copy()
+        if target_mask_prob > 0:
+            for i in range(len(tgt)):
+                if rng.uniform() < target_mask_prob:
+                    teacher[i] = special.mask
+    else:
+        raise ValueError(f"unknown fine-tuning recipe {recipe!r}: expected 'pmlm' or 's2s-ft'")
     original = np.concatenate([main, teacher])
     segments = np.concatenate([np.zeros(m, np.int64), np.ones(len(tgt), np.int64)])
     order = [(m + i, m + i + 1) for i in range(len(tgt))]
     ex = _append_steps(main, original, segments, order, special.p, np.full(m, IGNORE, np.int64))
     ex.labels[ex.step < 0] = tgt  # PAR labels are the true target, even where the copy is masked
+    if pseudo is not None:
+        ex.input_ids[ex.step < 0] = pseudo
     return ex
+
+
+def s2sft_corruption(target: np.ndarray, special: SpecialIds, target_mask_prob: float, keep_prob: float,
+                     random_prob: float, rng: SplitMix64) -> tuple[np.ndarray, np.ndarray]:
+    """s2s-ft's fine-tuning corruption of one target: ``(teacher copies, [P] inputs)``.
+
+    Per target token ``t``, as s2s-ft's ``mask_way v2`` does: one replacement ``r`` is drawn,
+    ``t`` itself with probability ``keep_prob``, a uniformly random id of the whole vocabulary
+    ``[0, random_hi)`` with probability ``random_prob``, else the pseudo token (``[MASK]`` unless
+    the vocabulary has a separate ``[P]``). ``r`` is the ``[P]`` input; the teacher copy becomes
+    ``r`` too with probability ``target_mask_prob`` (``[MASK]`` where ``r`` is the pseudo token).
+    With s2s-ft's defaults (0.1, 0.1, 0.5): ``[P]`` inputs ~80% ``[MASK]``, ~10% the label, ~10%
+    random; teacher copies ~40% ``[MASK]``, ~5% random, the rest the true token.
+    """
+    teacher = target.copy()
+    pseudo = np.empty_like(target)
+    for i, t in enumerate(target.tolist()):
+        u = rng.uniform()
+        if u < keep_prob:
+            r, masked = t, False
+        elif u < keep_prob + random_prob:
+            r, masked = rng.randbelow(special.random_hi), False
+        else:
+            r, masked = special.p, True
+        pseudo[i] = r
+        if rng.uniform() < target_mask_prob:
+            teacher[i] = special.mask if masked else r
+    return teacher, pseudo
 
 
 # ---------------------------------------------------------------------------------------------

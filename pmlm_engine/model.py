@@ -12,7 +12,6 @@ resolved, the backend's shared work done once) and every layer attends with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -25,93 +24,216 @@ from .position_bias import RelativePositionBias
 from .config import ModelConfig
 
 
-@dataclass
 class KVCache:
     """Per-layer keys and values of the tokens seen so far, with their mask metadata.
 
-    Used by incremental decoding: each token's keys and values are projected once.
-    Only context tokens (``step >= 0``: source and emitted targets) are kept; the
-    ``[P]`` of a step is only ever visible to itself, so it is never cached.
+    Used by incremental decoding: each token's keys and values are projected once. Only
+    context tokens (``step >= 0``: source and emitted targets) are kept; the ``[P]`` of a step
+    is only ever visible to itself, so it is never kept.
 
-    Keys and values live in per-layer buffers with room to grow (``_kbuf``/``_vbuf``,
-    ``(B, H, capacity, D)``): a forward writes its new tokens' keys and values after the
-    cached ones (:meth:`extend`) and attends a view of the buffer, so the cache is never
-    copied to append to it; :meth:`commit` then keeps the context columns. ``keys`` and
-    ``values`` are views of the valid part. Inference only (``torch.no_grad``): the buffers
-    are written in place.
+    Everything lives in preallocated buffers: per layer ``(B, H, capacity, D)`` keys and values,
+    and ``(B, capacity)`` step / doc id / position metadata. A forward writes its new tokens
+    after the cached ones (:meth:`extend_meta`, :meth:`extend`) and attends views of the
+    buffers, so nothing is concatenated per step; :meth:`commit` then keeps the context
+    columns. :meth:`reorder` selects rows in place (beam search, dropped sentences) and only
+    reallocates when the batch grows. Inference only (``torch.no_grad``).
+
+    Two modes:
+
+    * dynamic (default): attends the valid columns only; the capacity grows by doubling.
+    * static (``capacity=N``): the buffers never change shape, every forward attends all ``N``
+      columns (unwritten ones carry ``doc_id -1`` and are masked out), new tokens are written at
+      a device-side cursor with ``index_copy_``, and nothing reads a value back to the host. A
+      decoding step then has fixed shapes and no host synchronisation, which is what capturing
+      it in a CUDA graph requires (see :class:`pmlm_engine.decode.StaticCachedScorer`).
     """
 
-    keys: list[Tensor] = field(default_factory=list)  # per layer (B, H, Lc, D), views of the buffers
-    values: list[Tensor] = field(default_factory=list)  # per layer (B, H, Lc, D)
-    step: Optional[Tensor] = None  # (B, Lc)
-    doc_ids: Optional[Tensor] = None  # (B, Lc)
-    position_ids: Optional[Tensor] = None  # (B, Lc)
-    _kbuf: list[Tensor] = field(default_factory=list, repr=False)  # per layer (B, H, capacity, D)
-    _vbuf: list[Tensor] = field(default_factory=list, repr=False)
-
     GROW = 128
-    """Spare columns allocated beyond the current need; the buffer doubles when full."""
+    """Spare columns allocated beyond the current need (dynamic mode); the buffer doubles when full."""
+
+    def __init__(self, capacity: Optional[int] = None) -> None:
+        self.static = capacity is not None
+        self._capacity = capacity
+        self._len = 0  # committed columns (dynamic mode)
+        self._rows = 0  # live batch rows (a prefix of the buffers' rows)
+        self._new = 0  # columns written by the forward in progress
+        self._kbuf: list[Tensor] = []  # per layer (R, H, capacity, D)
+        self._vbuf: list[Tensor] = []
+        self._meta: dict[str, Tensor] = {}  # step, doc_ids, position_ids: (R, capacity)
+        self._cursor: Optional[Tensor] = None  # static mode: (1,) first free column, on the device
+
+    # ----------------------------------------------------------------- views
 
     def __len__(self) -> int:
-        return 0 if self.step is None else self.step.shape[1]
+        """Columns a forward attends besides its own new tokens (static mode: the capacity)."""
+        if self.static:
+            return 0 if not self._meta else int(self._capacity)  # type: ignore[arg-type]
+        return self._len
+
+    def _view(self, name: str) -> Optional[Tensor]:
+        if not self._meta:
+            return None
+        return self._meta[name][:self._rows, :self._len] if not self.static else self._meta[name][:self._rows]
+
+    @property
+    def step(self) -> Optional[Tensor]:
+        """``(B, Lc)`` steps of the cached tokens."""
+        return self._view("step")
+
+    @property
+    def doc_ids(self) -> Optional[Tensor]:
+        return self._view("doc_ids")
+
+    @property
+    def position_ids(self) -> Optional[Tensor]:
+        return self._view("position_ids")
+
+    @property
+    def keys(self) -> list[Tensor]:
+        """Per layer ``(B, H, Lc, D)`` views of the cached keys."""
+        return [kb[:self._rows, :, :self._len] if not self.static else kb[:self._rows] for kb in self._kbuf]
+
+    @property
+    def values(self) -> list[Tensor]:
+        return [vb[:self._rows, :, :self._len] if not self.static else vb[:self._rows] for vb in self._vbuf]
+
+    # ----------------------------------------------------------------- writing
+
+    def _allocate_meta(self, like: Tensor, rows: int, cols: int) -> None:
+        self._meta = {"step": like.new_zeros((rows, cols)), "doc_ids": like.new_full((rows, cols), -1),
+                      "position_ids": like.new_zeros((rows, cols))}
+        self._rows = rows
+        if self.static:
+            self._cursor = like.new_zeros((1,))
+
+    def _columns(self, n: int, device: torch.device) -> Tensor:
+        """Static mode: the ``n`` columns the new tokens go to, ``cursor + arange(n)`` (on the device)."""
+        assert self._cursor is not None
+        return self._cursor + torch.arange(n, device=device)
+
+    def extend_meta(self, step: Tensor, doc_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write the new tokens' metadata after the cached tokens'; returns the key-side
+        ``(step, doc_ids, position_ids)`` a forward attends (cached + new, or the whole static buffer)."""
+        b, n = step.shape
+        new = {"step": step, "doc_ids": doc_ids, "position_ids": position_ids}
+        if not self._meta:
+            cols = self._capacity if self.static else n + self.GROW
+            if cols is not None and n > cols:
+                raise ValueError(f"KVCache capacity {cols} is smaller than the {n} tokens of the first call")
+            self._allocate_meta(step, b, cols)  # type: ignore[arg-type]
+        if b != self._rows:
+            raise ValueError(f"KVCache holds {self._rows} rows but the new tokens have {b}: reorder() the cache "
+                             "to the batch first")
+        if self.static:
+            idx = self._columns(n, step.device)
+            for name, t in new.items():
+                self._meta[name][:b].index_copy_(1, idx, t)
+            self._new = n
+            return self._meta["step"][:b], self._meta["doc_ids"][:b], self._meta["position_ids"][:b]
+        lc = self._len
+        if lc + n > self._meta["step"].shape[1]:
+            cols = 2 * (lc + n)
+            for name, buf in self._meta.items():
+                grown = buf.new_full((buf.shape[0], cols), -1 if name == "doc_ids" else 0)
+                grown[:, :lc] = buf[:, :lc]
+                self._meta[name] = grown
+        for name, t in new.items():
+            self._meta[name][:b, lc:lc + n] = t
+        self._new = n
+        return tuple(self._meta[name][:b, :lc + n] for name in ("step", "doc_ids", "position_ids"))  # type: ignore
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k, v`` ``(B, H, L, D)`` of the new tokens after the cached ones of ``layer``.
 
-        Returns ``(B, H, Lc + L, D)`` views of cached + new keys and values. Nothing is kept
-        until :meth:`commit`.
+        Returns the keys and values the forward attends: ``(B, H, Lc + L, D)`` views (dynamic) or
+        the whole ``(B, H, capacity, D)`` buffers (static). Nothing is kept until :meth:`commit`.
         """
-        lc, n = len(self), k.shape[2]
+        b, n = k.shape[0], k.shape[2]
         if layer == len(self._kbuf):  # first forward through this layer
-            if lc:
-                raise ValueError(f"KVCache holds {lc} tokens but no buffer for layer {layer}")
-            shape = (k.shape[0], k.shape[1], n + self.GROW, k.shape[3])
-            self._kbuf.append(k.new_empty(shape))
-            self._vbuf.append(v.new_empty(shape))
+            if self._len:
+                raise ValueError(f"KVCache holds {self._len} tokens but no buffer for layer {layer}")
+            cols = self._meta["step"].shape[1] if self._meta else n + self.GROW
+            shape = (b, k.shape[1], cols, k.shape[3])
+            self._kbuf.append(k.new_zeros(shape))
+            self._vbuf.append(v.new_zeros(shape))
         elif layer > len(self._kbuf):
             raise ValueError(f"KVCache.extend: layer {layer} before layer {len(self._kbuf)}")
         kb, vb = self._kbuf[layer], self._vbuf[layer]
-        if kb.shape[0] != k.shape[0]:
-            raise ValueError(f"KVCache holds {kb.shape[0]} rows but the new tokens have {k.shape[0]}: reorder() "
-                             "the cache to the batch first")
-        if lc + n > kb.shape[2]:  # full: double
-            shape = (kb.shape[0], kb.shape[1], 2 * (lc + n), kb.shape[3])
+        if b != self._rows:
+            raise ValueError(f"KVCache holds {self._rows} rows but the new tokens have {b}: reorder() the cache "
+                             "to the batch first")
+        if self.static:
+            idx = self._columns(n, k.device)
+            kb[:b].index_copy_(2, idx, k)
+            vb[:b].index_copy_(2, idx, v)
+            return kb[:b], vb[:b]
+        lc = self._len
+        if lc + n > kb.shape[2]:  # full: grow to the metadata's width
+            shape = (kb.shape[0], kb.shape[1], self._meta["step"].shape[1], kb.shape[3])
             kb, vb = self._grow(kb, shape, lc), self._grow(vb, shape, lc)
             self._kbuf[layer], self._vbuf[layer] = kb, vb
-        kb[:, :, lc:lc + n] = k
-        vb[:, :, lc:lc + n] = v
-        return kb[:, :, :lc + n], vb[:, :, :lc + n]
+        kb[:b, :, lc:lc + n] = k
+        vb[:b, :, lc:lc + n] = v
+        return kb[:b, :, :lc + n], vb[:b, :, :lc + n]
 
     @staticmethod
     def _grow(buf: Tensor, shape: tuple[int, ...], valid: int) -> Tensor:
-        new = buf.new_empty(shape)
+        new = buf.new_zeros(shape)
         new[:, :, :valid] = buf[:, :, :valid]
         return new
 
-    def commit(self, cols: Tensor, step: Tensor, doc_ids: Tensor, position_ids: Tensor) -> None:
-        """Keep the new tokens at columns ``cols`` ``(n,)`` (of the last forward's ``L``) in the cache."""
-        lc, n = len(self), cols.numel()
-        prefix = bool((cols == torch.arange(n, device=cols.device)).all())
-        for bufs in (self._kbuf, self._vbuf):
-            for i, buf in enumerate(bufs):
-                if not prefix:  # move the kept columns to the front of the new ones
-                    buf[:, :, lc:lc + n] = buf[:, :, lc:].index_select(2, cols)
-        self.keys = [kb[:, :, :lc + n] for kb in self._kbuf]
-        self.values = [vb[:, :, :lc + n] for vb in self._vbuf]
-        new = dict(step=step, doc_ids=doc_ids, position_ids=position_ids)
-        for name, t in new.items():
-            t = t.index_select(1, cols)
-            setattr(self, name, t if lc == 0 else torch.cat([getattr(self, name), t], dim=1))
+    def commit(self, keep: Tensor) -> None:
+        """Keep the new tokens whose ``keep`` flag is set (``(L,)`` bool, the same in every row).
+
+        Dynamic mode moves the kept columns to the front of the new ones when they are not a
+        prefix already. Static mode requires the kept columns to be a prefix (decoding's layouts:
+        the context tokens come before the ``[P]``) and only advances its device-side cursor.
+        """
+        n = self._new
+        if self.static:
+            assert self._cursor is not None
+            self._cursor += keep.sum()  # no host read: the kept columns are a prefix
+            self._new = 0
+            return
+        cols = keep.nonzero().squeeze(1)
+        kept = cols.numel()
+        lc = self._len
+        if not bool((cols == torch.arange(kept, device=cols.device)).all()):
+            idx = lc + cols
+            for buf in (*self._kbuf, *self._vbuf):
+                buf[:self._rows, :, lc:lc + kept] = buf[:self._rows, :, lc:lc + n].index_select(2, cols)
+            for name, buf in self._meta.items():
+                buf[:self._rows, lc:lc + kept] = buf[:self._rows].index_select(1, idx)
+        self._len = lc + kept
+        self._new = 0
 
     def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search): ``index`` is ``(B',)`` into the current batch."""
-        lc = len(self)
-        self._kbuf = [k.index_select(0, index) for k in self._kbuf]
-        self._vbuf = [v.index_select(0, index) for v in self._vbuf]
-        self.keys = [kb[:, :, :lc] for kb in self._kbuf]
-        self.values = [vb[:, :, :lc] for vb in self._vbuf]
-        for name in ("step", "doc_ids", "position_ids"):
-            setattr(self, name, getattr(self, name).index_select(0, index))
+        """Select batch rows (beam search, dropped sentences): ``index`` ``(B',)`` into the current rows.
+
+        In place when ``B'`` fits the buffers' rows (only the valid columns are moved), otherwise
+        (the batch grows, e.g. to ``B * K`` beams) into new buffers of ``B'`` rows.
+        """
+        rows = index.shape[0]
+        cols = self._capacity if self.static else self._len
+        grow = rows > self._kbuf[0].shape[0] if self._kbuf else rows > self._meta["step"].shape[0]
+        for bufs in (self._kbuf, self._vbuf):
+            for i, buf in enumerate(bufs):
+                picked = buf[:self._rows, :, :cols].index_select(0, index)
+                if grow:
+                    new = buf.new_zeros((rows, *buf.shape[1:]))
+                    new[:, :, :cols] = picked
+                    bufs[i] = new
+                else:
+                    buf[:rows, :, :cols] = picked
+        for name, buf in self._meta.items():
+            picked = buf[:self._rows, :cols].index_select(0, index)
+            if grow:
+                new = buf.new_full((rows, buf.shape[1]), -1 if name == "doc_ids" else 0)
+                new[:, :cols] = picked
+                self._meta[name] = new
+            else:
+                buf[:rows, :cols] = picked
+        self._rows = rows
 
 
 class Embeddings(nn.Module):
@@ -244,7 +366,8 @@ class PMLMModel(nn.Module):
         Returns:
             ``(B, L, C)`` hidden states of the new tokens.
         """
-        if int(position_ids.max()) >= self.config.max_position:
+        static = cache is not None and cache.static
+        if not static and int(position_ids.max()) >= self.config.max_position:  # static: no host reads
             raise ValueError(f"position id {int(position_ids.max())} exceeds the position table "
                              f"(max_position={self.config.max_position}): shorten the input or extend "
                              "the table (pmlm_engine.model.extend_positions)")
@@ -253,13 +376,13 @@ class PMLMModel(nn.Module):
         if cache is not None and torch.is_grad_enabled():
             raise ValueError("cached decoding writes its key/value buffers in place: run it under torch.no_grad() "
                              "or torch.inference_mode()")
-        if cache is not None and len(cache) > 0:
-            if doc_ids is None or cache.doc_ids is None:
-                raise ValueError("cached decoding needs doc_ids for both the cache and the new tokens")
-            q_step, q_doc = step, doc_ids
-            k_step = torch.cat([cache.step, step], dim=1)
-            k_doc = torch.cat([cache.doc_ids, doc_ids], dim=1)
-            k_pos = torch.cat([cache.position_ids, position_ids], dim=1)
+        if cache is not None:
+            if doc_ids is None:
+                raise ValueError("cached decoding needs doc_ids for the new tokens")
+            first = len(cache) == 0 and not static
+            k_step, k_doc, k_pos = cache.extend_meta(step, doc_ids, position_ids)  # cached + new (no copy)
+            if not first:
+                q_step, q_doc = step, doc_ids
         bias = None
         if self.rel_pos_bias is not None:
             bias = RelativePositionBias(
@@ -275,19 +398,12 @@ class PMLMModel(nn.Module):
         for i, layer in enumerate(self.encoder["layer"]):
             x = layer(x, layout, i, cache)
         if cache is not None:
-            self._append_to_cache(cache, step, doc_ids, position_ids)
+            keep = step[0] >= 0  # (L,) context columns
+            if not static and not bool((step >= 0).eq(keep).all()):
+                raise ValueError("cached decoding needs the same layout in every row (context columns "
+                                 "must line up across the batch)")
+            cache.commit(keep)
         return x
-
-    @staticmethod
-    def _append_to_cache(cache: KVCache, step: Tensor, doc_ids: Optional[Tensor], position_ids: Tensor) -> None:
-        keep_cols = step >= 0  # (B, L)
-        if not bool((keep_cols == keep_cols[:1]).all()):
-            raise ValueError("cached decoding needs the same layout in every row (context columns "
-                             "must line up across the batch)")
-        cols = keep_cols[0].nonzero().squeeze(1)
-        if doc_ids is None:
-            doc_ids = torch.zeros_like(step)
-        cache.commit(cols, step, doc_ids, position_ids)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,17 +34,17 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives lists
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} is invalid: expected a positive learning rate")
+        if not math.isfinite(self.lr) or self.lr <= 0:  # NaN passes "<= 0"; inf is no learning rate
+            raise ValueError(f"lr={self.lr} is invalid: expected a positive, finite learning rate")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} is invalid: expected >= 0")
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
             raise ValueError(f"betas={self.betas} is invalid: expected two values in [0, 1)")
-        if self.eps <= 0:
-            raise ValueError(f"eps={self.eps} is invalid: expected a positive epsilon")
-        if self.weight_decay < 0:
+        if not math.isfinite(self.eps) or self.eps <= 0:
+            raise ValueError(f"eps={self.eps} is invalid: expected a positive, finite epsilon")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay={self.weight_decay} is invalid: expected >= 0")
-        if self.grad_clip < 0:
+        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} is invalid: expected 0 (off) or a positive norm")
         if self.optimizer not in ("adamw", "lamb"):
             raise ValueError(f"optimizer={self.optimizer!r} is invalid: expected 'adamw' or 'lamb'")

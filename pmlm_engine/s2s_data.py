@@ -11,13 +11,19 @@ A *pair spec* names where pairs come from:
   a repeated id. Nothing is dropped silently.
 * ``NAME`` or ``NAME:SPLIT`` for a built-in pair corpus (:data:`pmlm_engine.corpus.CORPORA`:
   ``news`` article -> headline, ``wiki`` lead -> description, ``acl`` paper -> summary) with
-  ``SPLIT`` one of ``train``, ``test``, ``all``.
+  ``SPLIT`` one of ``train``, ``test``, ``all``, ``valid``, ``fit``.
 
 **Held-out splits** (fixed, documented, independent of file order): for ``news`` and
 ``wiki`` the test split is the :data:`TEST_SIZE` = 200 pairs whose
 ``sha256("<corpus>:<id>")`` hex digests are smallest; the rest is ``train``. ``acl`` uses
 the dataset's own split (train + val -> ``train``, test -> ``test``). For ``news``
 (3,695 pairs) that is 3,495 train / 200 test.
+
+**Validation** (for choosing settings without looking at the test split): ``valid`` is the
+:data:`VALID_SIZE` = 200 ``train`` pairs whose ``sha256("<corpus>:valid:<id>")`` digests are
+smallest, ``fit`` is ``train`` without them (fine-tune on ``fit``, choose on ``valid``, report
+on ``test``). ``train`` itself is unchanged (``fit`` + ``valid``). For ``acl``, ``valid`` is the dataset's own
+validation part and ``fit`` its training part.
 
 **Truncation** (:func:`encode_pairs`), counted and logged, never silent: the source keeps
 its first ``max_src_len`` tokens (the lead of an article, where a headline's content
@@ -42,10 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from .errors import run_cli
+from .outputs import atomic_file, check_output_file, json_safe
+
 log = logging.getLogger(__name__)
 
 TEST_SIZE = 200
-SPLITS = ("train", "test", "all")
+VALID_SIZE = 200
+SPLITS = ("train", "test", "all", "valid", "fit")
 Text = Union[str, list[int]]
 
 
@@ -144,11 +154,15 @@ def builtin_pairs(name: str, split: str, cache_dir: str | Path | None = None) ->
         raise ValueError(f"unknown split {split!r} for {name}: choose one of {SPLITS}")
     pairs = list(load_pairs(name, cache_dir))
     if name == "acl":
-        which = {"train": ("train", "val"), "test": ("test",), "all": ("train", "val", "test")}[split]
+        which = {"train": ("train", "val"), "test": ("test",), "all": ("train", "val", "test"),
+                 "valid": ("val",), "fit": ("train",)}[split]
         keep = [p for p in pairs if p["split"] in which]
     else:
         test = hash_test_ids(name, [p["id"] for p in pairs])
         keep = [p for p in pairs if split == "all" or (p["id"] in test) == (split == "test")]
+        if split in ("valid", "fit"):
+            valid = hash_test_ids(f"{name}:valid", [p["id"] for p in keep], VALID_SIZE)
+            keep = [p for p in keep if (p["id"] in valid) == (split == "valid")]
     return [PairRecord(str(p["id"]), p["src"], p["tgt"], f"{name}:{p['id']}") for p in keep]
 
 
@@ -180,10 +194,14 @@ class TruncationStats:
     longest_src: int = 0
     longest_tgt: int = 0
 
-    def log(self, what: str) -> None:
-        log.info("%s: %d examples; source truncated in %d (%d tokens cut, longest %d), target truncated in %d "
-                 "(%d tokens cut, longest %d)", what, self.examples, self.src_truncated, self.src_tokens_cut,
-                 self.longest_src, self.tgt_truncated, self.tgt_tokens_cut, self.longest_tgt)
+    def log(self, what: str, targets: bool = True) -> None:
+        """One log line; ``targets=False`` (decoding: targets are not read) leaves the target counts out."""
+        src = (f"{what}: {self.examples} examples; source truncated in {self.src_truncated} ({self.src_tokens_cut} "
+               f"tokens cut, longest {self.longest_src})")
+        if targets:
+            src += (f", target truncated in {self.tgt_truncated} ({self.tgt_tokens_cut} tokens cut, longest "
+                    f"{self.longest_tgt})")
+        log.info("%s", src)
 
 
 @dataclass
@@ -254,19 +272,20 @@ def encode_pairs(records: Sequence[PairRecord], tokenizer: Any, max_src_len: int
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write rows as JSONL through a temporary file renamed into place."""
+    """Write rows as JSONL through a temporary file renamed into place (removed on failure)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(check_output_file(path)) as f:
+        for row in rows:  # non-finite numbers (a -inf score) become null: the file stays valid JSON
+            f.write(json.dumps(json_safe(row), ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m pmlm_engine.s2s_data export SPEC OUT``."""
+    """``python -m pmlm_engine.s2s_data export SPEC OUT``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.s2s_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -275,13 +294,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p_exp.add_argument("out", help="JSONL file to write")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        records = load_pair_spec(args.spec, default_split="all")
-        write_jsonl([{"id": r.id, "src": r.src, "tgt": r.tgt} for r in records], args.out)
-        print(f"wrote {len(records)} pairs to {args.out}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_output_file(args.out, inputs=[args.spec], what="out")
+    records = load_pair_spec(args.spec, default_split="all")
+    write_jsonl([{"id": r.id, "src": r.src, "tgt": r.tgt} for r in records], args.out)
+    print(f"wrote {len(records)} pairs to {args.out}")
     return 0
 
 

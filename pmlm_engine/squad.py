@@ -130,6 +130,13 @@ def squad_qg_pairs(path: str | os.PathLike) -> tuple[list[dict[str, Any]], Squad
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pmlm_engine.squad``, inside the shared error boundary."""
+    from .errors import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     p = argparse.ArgumentParser(prog="python -m pmlm_engine.squad", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", nargs="?", default=None, help="SQuAD JSON file (omit with --fixture)")
@@ -137,16 +144,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--fixture", action="store_true", help="read allennlp 0.9.0's real SQuAD fixture")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.fixture == (args.input is not None):
-            raise ValueError("give either a SQuAD file or --fixture")
-        from .s2s_data import write_jsonl
+    if args.fixture == (args.input is not None):
+        raise ValueError("give either a SQuAD file or --fixture")
+    from .outputs import check_output_file
+    from .s2s_data import write_jsonl
 
-        pairs, stats = squad_qg_pairs(fixture_path() if args.fixture else args.input)
-        write_jsonl(pairs, args.output)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_output_file(args.output, inputs=[args.input], what="output")  # before any work
+    pairs, stats = squad_qg_pairs(fixture_path() if args.fixture else args.input)
+    write_jsonl(pairs, args.output)
     print(f"wrote {stats.pairs} pairs to {args.output} ({stats})")
     return 0
 

@@ -13,7 +13,9 @@ through the tokenizer once and writes them into a cache folder::
 ``<key>`` hashes the sources (built-in corpus name and package version plus the reader's
 code; for files their absolute path, size and modification time), the tokenizer (class and
 file bytes) and ``max_docs``: change any of them and a new cache is built, reuse them and
-the cache is opened in milliseconds. The folder is written under a temporary name and
+the cache is opened after checking each shard file against the size and CRC-32 that
+``meta.json`` records (a damaged cache -- a truncated shard, garbage in ``meta.json`` -- is
+rebuilt, with a warning naming the file). The folder is written under a temporary name and
 renamed when complete, so a killed run never leaves a half-written cache behind.
 
 :class:`TokenStore` opens a cache with ``numpy.memmap``; :class:`StoreSequences` turns it
@@ -42,11 +44,12 @@ import numpy as np
 
 from .data import MainSequence, document_seed, main_sequence
 from .layout import SpecialIds
+from .manifest import file_crc32
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-"""Version of the cache layout; part of the key."""
+FORMAT = 2
+"""Version of the cache layout; part of the key (2: per-file sizes and CRC-32s in ``meta.json``)."""
 META = "meta.json"
 TEXT_SUFFIXES = (".txt", ".jsonl")
 GLOB_CHARS = set("*?[")
@@ -99,7 +102,7 @@ def resolve_sources(specs: Sequence[str]) -> list[Source]:
         if spec in CORPORA:
             out.append(Source("builtin", spec))
             continue
-        if GLOB_CHARS & set(spec):
+        if GLOB_CHARS & set(spec) and not Path(spec).exists():  # an existing "a[1].txt" is a file, not a pattern
             matches = sorted(p for p in glob.glob(spec) if Path(p).is_file())
             if not matches:
                 raise FileNotFoundError(f"data.corpus entry {spec!r} matches no file")
@@ -165,6 +168,32 @@ def default_cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- store
+
+
+def cache_damage(folder: str | os.PathLike) -> str | None:
+    """None when a token cache folder is complete and every shard file matches the size and
+    CRC-32 recorded in its ``meta.json``; else what is wrong, naming the file."""
+    folder = Path(folder)
+    meta_file = folder / META
+    if not meta_file.is_file():
+        return f"{meta_file} is missing"
+    try:
+        meta = json.loads(meta_file.read_text())
+        shards = meta["shards"]
+        files = {name: rec for shard in shards for name, rec in shard["files"].items()}
+        np.dtype(meta["dtype"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        return f"{meta_file} is not a readable format-{FORMAT} cache description ({type(exc).__name__}: {exc})"
+    for name, rec in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != rec["size"]:
+            return f"{path} has {path.stat().st_size} bytes, {META} says {rec['size']}"
+    for name, rec in files.items():
+        if file_crc32(folder / name) != rec["crc32"]:
+            return f"{folder / name} does not match its checksum in {META}"
+    return None
 
 
 class TokenStore:
@@ -283,8 +312,10 @@ class _ShardWriter:
         os.fsync(self.fh.fileno())
         self.fh.close()
         np.save(self.folder / f"{self.name}.offsets.npy", np.asarray(self.offsets, dtype=np.int64))
-        self.shards.append({"ids": f"{self.name}.ids", "offsets": f"{self.name}.offsets.npy",
-                            "docs": len(self.offsets) - 1, "tokens": self.offsets[-1]})
+        ids, offsets = f"{self.name}.ids", f"{self.name}.offsets.npy"
+        self.shards.append({"ids": ids, "offsets": offsets, "docs": len(self.offsets) - 1, "tokens": self.offsets[-1],
+                            "files": {f: {"size": (self.folder / f).stat().st_size,
+                                          "crc32": file_crc32(self.folder / f)} for f in (ids, offsets)}})
 
     def add(self, ids: Sequence[int]) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
@@ -331,10 +362,16 @@ def build_token_store(
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     key = cache_key(sources, tokenizer, max_docs)
     target = root / key
-    if (target / META).is_file():
-        store = TokenStore(target)
-        log.info("token cache %s: %d documents, %d tokens", target, store.num_docs, store.num_tokens)
-        return store
+    if target.exists():
+        damage = cache_damage(target)
+        if damage is None:
+            store = TokenStore(target)
+            log.info("token cache %s: %d documents, %d tokens", target, store.num_docs, store.num_tokens)
+            return store
+        log.warning("token cache %s is damaged (%s): rebuilding it", target, damage)
+        trash = root / f".damaged-{key}-{os.getpid()}"
+        os.replace(target, trash)  # out of the way at once; only this program writes cache folders
+        shutil.rmtree(trash, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)

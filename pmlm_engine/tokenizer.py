@@ -40,7 +40,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from .errors import DamagedInputError, run_cli
 from .layout import SpecialIds
+from .outputs import atomic_file, check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ class WordPieceTokenizer(Tokenizer):
             kind = json.loads(path.read_text(encoding="utf-8"))["model"]["type"]
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # json, key, unicode and the library's own errors
-            raise RuntimeError(f"{path} is not a readable Hugging Face tokenizer.json ({type(e).__name__}: {e}); "
+            raise DamagedInputError(f"{path} is not a readable Hugging Face tokenizer.json ({type(e).__name__}: {e}); "
                                f"check the file was copied completely, or use the vocab.txt beside it") from None
         if kind != "WordPiece":
             raise ValueError(f"{path} holds a {kind} model; only WordPiece tokenizer.json files are supported. "
@@ -245,6 +247,12 @@ class WordPieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` and each token's ``(start, end)`` character span in ``text``
+        (for :func:`pmlm_engine.detok.detokenize`'s surface restoration)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
     def _decode(self, ids: list[int]) -> str:
         text = self._tok.decode(ids, skip_special_tokens=False)
@@ -316,7 +324,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with "ParseFromArray failed"
-            raise RuntimeError(f"{path} is not a valid sentencepiece model ({e}); it may be truncated or "
+            raise DamagedInputError(f"{path} is not a valid sentencepiece model ({e}); it may be truncated or "
                                f"another kind of file. Copy it again, or {_TRAIN_HINT}") from None
         self._size = self._sp.get_piece_size()
         self.unk_id = self._sp.unk_id()
@@ -485,8 +493,12 @@ def train_sentencepiece_from_documents(
     num_threads: int | None = None,
     progress: bool = False,
     verbose: bool = False,
+    input_paths: Sequence[str | Path] = (),
 ) -> Path:
-    """Train a sentencepiece model on documents; see :func:`train_sentencepiece`."""
+    """Train a sentencepiece model on documents; see :func:`train_sentencepiece`.
+
+    ``input_paths`` (the files ``docs`` come from) may not be outputs. The outputs are checked
+    before training and written atomically (nothing is left behind on failure)."""
     import sentencepiece as spm
 
     if not isinstance(vocab_size, int) or vocab_size < 16:
@@ -500,7 +512,10 @@ def train_sentencepiece_from_documents(
     model_prefix = Path(model_prefix)
     if model_prefix.suffix == ".model":
         model_prefix = model_prefix.with_suffix("")
-    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    path = model_prefix.with_suffix(".model")
+    vocab_path = model_prefix.with_suffix(".vocab")  # human-readable piece list, like spm_train writes
+    for out in (path, vocab_path):  # before any work: a folder or an input here fails now, not after training
+        check_output_file(out, inputs=input_paths, what="--output")
     threads = num_threads or max(1, min(2, os.cpu_count() or 1))  # shared machines: stay small by default
     counts = {"docs": 0, "sentences": 0}
     reader_error: list[BaseException] = []  # an input error, re-raised as is rather than wrapped by sentencepiece
@@ -546,13 +561,11 @@ def train_sentencepiece_from_documents(
         if counts["sentences"] == 0:
             raise ValueError("the training input holds no text; pass non-empty files") from None
         raise RuntimeError(f"sentencepiece training failed on {counts['sentences']} sentences: {e}") from None
-    path = model_prefix.with_suffix(".model")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as fh:
+        fh.write(model.getvalue())
     tok = SentencePieceTokenizer(path)
-    vocab_path = model_prefix.with_suffix(".vocab")  # human-readable piece list, like spm_train writes
-    vocab_path.write_text("".join(f"{tok.id_to_token(i)}\t{i}\n" for i in range(tok.vocab_size)), encoding="utf-8")
+    with atomic_file(vocab_path) as fh:
+        fh.write("".join(f"{tok.id_to_token(i)}\t{i}\n" for i in range(tok.vocab_size)))
     logger.info("wrote %s: %d pieces from %d documents (%d sentences, at most %d sampled)",
                 path, tok.vocab_size, counts["docs"], counts["sentences"], max_sentences)
     return path
@@ -586,14 +599,20 @@ def train_sentencepiece(
     """
     from .corpus import read_text_files
 
-    return train_sentencepiece_from_documents(read_text_files(input_files), model_prefix, vocab_size, **kwargs)
+    paths = [input_files] if isinstance(input_files, (str, Path)) else list(input_files)
+    return train_sentencepiece_from_documents(read_text_files(input_files), model_prefix, vocab_size,
+                                              input_paths=paths, **kwargs)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pmlm_engine.tokenizer {train,encode}``."""
+    """``python -m pmlm_engine.tokenizer {train,encode}``, inside the shared error boundary."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pmlm_engine.tokenizer",
         description="Train a sentencepiece tokenizer with the engine's special pieces, or inspect a tokenizer.")
@@ -628,41 +647,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    try:
-        if args.cmd == "train":
-            from .corpus import load_corpus, read_text_files
+    if args.cmd == "train":
+        from .corpus import load_corpus, read_text_files
 
-            if not args.input and not args.corpus:
-                parser.error("train: give --input FILE... and/or --corpus NAME...")
+        if not args.input and not args.corpus:
+            parser.error("train: give --input FILE... and/or --corpus NAME...")
 
-            def docs() -> Iterator[str]:
-                if args.input:
-                    yield from read_text_files(args.input)
-                for name in args.corpus:
-                    yield from load_corpus(name)
-
+        def docs() -> Iterator[str]:
             if args.input:
-                read_text_files(args.input)  # report missing or empty files before any work
-            path = train_sentencepiece_from_documents(
-                docs(), args.output, args.vocab_size, model_type=args.model_type, lowercase=args.lowercase,
-                character_coverage=args.character_coverage, max_sentences=args.max_sentences,
-                num_threads=args.threads, progress=not args.quiet, verbose=args.verbose)
-            tok = SentencePieceTokenizer(path)
-            print(f"wrote {path} ({tok.vocab_size} pieces) and {path.with_suffix('.vocab')}")
-            print(tok)
-        else:
-            tok = load_tokenizer(args.tokenizer)
-            print(tok)
-            texts = [" ".join(args.text)] if args.text else (line.rstrip("\n") for line in sys.stdin)
-            for text in texts:
-                ids = tok.encode(text)
-                print(f"text:   {text}")
-                print(f"tokens: {tok.tokenize(text)}")
-                print(f"ids:    {ids}")
-                print(f"decode: {tok.decode(ids)}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+                yield from read_text_files(args.input)
+            for name in args.corpus:
+                yield from load_corpus(name)
+
+        if args.input:
+            read_text_files(args.input)  # report missing or empty files before any work
+        path = train_sentencepiece_from_documents(
+            docs(), args.output, args.vocab_size, model_type=args.model_type, lowercase=args.lowercase,
+            character_coverage=args.character_coverage, max_sentences=args.max_sentences,
+            num_threads=args.threads, progress=not args.quiet, verbose=args.verbose, input_paths=args.input)
+        tok = SentencePieceTokenizer(path)
+        print(f"wrote {path} ({tok.vocab_size} pieces) and {path.with_suffix('.vocab')}")
+        print(tok)
+    else:
+        tok = load_tokenizer(args.tokenizer)
+        print(tok)
+        texts = [" ".join(args.text)] if args.text else (line.rstrip("\n") for line in sys.stdin)
+        for text in texts:
+            ids = tok.encode(text)
+            print(f"text:   {text}")
+            print(f"tokens: {tok.tokenize(text)}")
+            print(f"ids:    {ids}")
+            print(f"decode: {tok.decode(ids)}")
     return 0
 
 

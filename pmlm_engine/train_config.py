@@ -1,36 +1,42 @@
-"""The typed configuration of a pre-training job: one nested dataclass, one source of truth.
+"""The typed configuration of every job: nested dataclasses, one source of truth per setting.
 
-    TrainConfig
-      model       ModelSection       preset + ModelConfig fields
-      data        DataConfig         corpus, tokenizer, lengths, batch per rank, masking
+    RunConfig (what the runner reads; shared by every training task)
+      (top level) engine, precision, steps, grad_accum, global_batch_size, out, threads, init
       optim       OptimConfig        AdamW and the warmup + linear decay schedule
       checkpoint  CheckpointConfig   interval, retention, resume, export
       logging     LoggingConfig      metrics interval, progress bar, TensorBoard, plot
       deepspeed   DeepSpeedSection   ZeRO stage, fp16 loss scaling, a JSON of extra DeepSpeed keys
-      (top level) engine, precision, steps, grad_accum, global_batch_size, out, init_from
+    TrainConfig(RunConfig)     pre-training: + model (ModelSection), data (DataConfig), ae/par weights
+    FinetuneConfig(RunConfig)  fine-tuning: + model (ModelOptions), data (PairDataConfig), label_smoothing
+    DecodeJobConfig            decoding: init, out, threads, device, model, data, search
 
-The DeepSpeed configuration is generated from this (:func:`pmlm_engine.engine.deepspeed_config`).
+The DeepSpeed configuration is generated from a RunConfig (:func:`pmlm_engine.engine.deepspeed_config`).
 
-A configuration is a JSON file (``--config``) of the same nesting, plus dotted overrides
-(``--set optim.lr=3e-4 data.batch_size=8``); values are parsed as JSON where they parse
-(``8``, ``3e-4``, ``true``, ``["news", "wiki"]``) and taken as strings otherwise. Unknown keys
-and values of the wrong type are refused with their dotted name; each section validates
-its own ranges in ``__post_init__``.
+A configuration is a JSON file (``--config FILE``, ``-`` for stdin) of the same nesting, plus
+dotted overrides (``--set optim.lr=3e-4 data.batch_size=8``); values are parsed as JSON where
+they parse (``8``, ``3e-4``, ``true``, ``["news", "wiki"]``) and taken as strings otherwise.
+Unknown keys and values of the wrong type are refused with their dotted name; each section
+validates its own ranges in ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .config import PRESETS, MaskingConfig, ModelConfig
 from .data import DataConfig
+from .guard import GuardConfig
 from .optim import OptimConfig
+
+log = logging.getLogger("pmlm_engine.config")
 
 ENGINES = ("auto", "torch", "deepspeed")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -77,6 +83,11 @@ class ModelSection:
     def to_mapping(self) -> dict[str, Any]:
         return {"preset": self.preset, **self.overrides}
 
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend asked for (``model.attention_backend``, else ModelConfig's default)."""
+        return self.overrides.get("attention_backend", ModelConfig.attention_backend)
+
     def build(self, vocab_size: int, tokenizer_source: str = "the tokenizer") -> ModelConfig:
         """The ModelConfig for a tokenizer of ``vocab_size`` ids."""
         if "vocab_size" in self.overrides and self.overrides["vocab_size"] != vocab_size:
@@ -107,6 +118,12 @@ class CheckpointConfig:
     """Save a checkpoint after the last step."""
     export: bool = True
     """Write the consolidated fp32 model (``<out>/final``: model.safetensors + config.json) at the end."""
+    overwrite: bool = False
+    """With ``resume=never``: start afresh over an existing job's checkpoints and metrics.jsonl
+    (``--resume never --overwrite``). Without it, they are never deleted or truncated."""
+    trust: bool = False
+    """Resume from a checkpoint folder without a manifest (written by an older version), and let
+    DeepSpeed unpickle its files (``--trust-checkpoint``): only for checkpoints you wrote yourself."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
@@ -176,8 +193,9 @@ def _default_optim() -> OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """A pre-training job. Defaults: the README's CPU demo (tiny model, news corpus)."""
+class RunConfig:
+    """What every training task shares: the runner (:mod:`pmlm_engine.runner`) reads only these
+    fields plus ``data.batch_size`` and ``data.seed`` of the task's own data section."""
 
     engine: str = "auto"
     """``torch`` (one process), ``deepspeed``, or ``auto``: deepspeed under a distributed launcher
@@ -194,23 +212,18 @@ class TrainConfig:
     """Examples per optimizer step; 0 = ``data.batch_size * grad_accum * world size``. If set,
     it must equal that product (checked at start, when the world size is known)."""
     out: str = "runs/pretrain"
-    """Output folder: metrics.jsonl, tb/, loss.png, checkpoints/, final/, train_config.json."""
-    ae_weight: float = 1.0
-    """Weight of the AE loss in the objective (docs/losses.md: 1)."""
-    par_weight: float = 1.0
-    """Weight of the PAR loss in the objective (docs/losses.md: 1)."""
+    """Output folder: metrics.jsonl, tb/, loss.png, checkpoints/, final/ and the job's config JSON."""
     threads: int = 0
-    """torch intra-op threads of each process (0 = torch's default, one per core). On a machine shared
-    with other jobs, 1 avoids the slowdown of oversubscribed threads."""
-    init_from: str = ""
-    """Warm start: ``minilm`` (the real MiniLM-L6 checkpoint), a model folder or a HF BERT checkpoint.
-    The MLM head is initialized fresh, an added relative bias table at zero."""
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataConfig = field(default_factory=DataConfig)
+    """torch intra-op threads of each process (0 = auto: torch's default, one per core). On a machine
+    shared with other jobs, 1 avoids the slowdown of oversubscribed threads."""
+    init: str = ""
+    """The model to start from: ``minilm`` (the real MiniLM-L6 checkpoint), a model folder written by
+    pmlm_engine, or a Hugging Face BERT / UniLMv2 checkpoint."""
     optim: OptimConfig = field(default_factory=_default_optim)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -223,18 +236,17 @@ class TrainConfig:
             raise ValueError(f"grad_accum={self.grad_accum} is invalid: expected a positive integer")
         if self.global_batch_size < 0:
             raise ValueError(f"global_batch_size={self.global_batch_size} is invalid: 0 (derived) or positive")
-        if self.global_batch_size and self.global_batch_size % (self.data.batch_size * self.grad_accum):
+        batch = self.data.batch_size  # type: ignore[attr-defined]  (every task's data section has one)
+        if self.global_batch_size and self.global_batch_size % (batch * self.grad_accum):
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} is not a multiple of data.batch_size * grad_accum = "
-                f"{self.data.batch_size} * {self.grad_accum}: it must equal data.batch_size * grad_accum * world size")
+                f"{batch} * {self.grad_accum}: it must equal data.batch_size * grad_accum * world size")
         if self.optim.warmup_steps > self.steps:
-            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}: "
-                             "lower the warmup or raise steps")
-        if self.ae_weight < 0 or self.par_weight < 0 or self.ae_weight + self.par_weight == 0:
-            raise ValueError(f"ae_weight={self.ae_weight}, par_weight={self.par_weight} are invalid: expected "
-                             f"non-negative weights, not both 0")
+            log.warning("optim.warmup_steps=%d exceeds steps=%d: warming up over all %d steps instead (set --warmup "
+                        "to choose)", self.optim.warmup_steps, self.steps, self.steps)
+            self.optim.warmup_steps = self.steps
         if self.threads < 0:
-            raise ValueError(f"threads={self.threads} is invalid: 0 (torch's default) or a positive count")
+            raise ValueError(f"threads={self.threads} is invalid: 0 (auto: torch's default) or a positive count")
         if not self.out:
             raise ValueError("out='' is invalid: name an output folder")
 
@@ -253,6 +265,201 @@ class TrainConfig:
         if self.engine != "auto":
             return self.engine
         return "deepspeed" if "WORLD_SIZE" in os.environ else "torch"
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A pre-training job. Defaults: a tiny model on the news corpus (examples/pretrain-demo.json is the demo's)."""
+
+    ae_weight: float = 1.0
+    """Weight of the AE loss in the objective (docs/losses.md: 1)."""
+    par_weight: float = 1.0
+    """Weight of the PAR loss in the objective (docs/losses.md: 1)."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ae_weight < 0 or self.par_weight < 0 or self.ae_weight + self.par_weight == 0:
+            raise ValueError(f"ae_weight={self.ae_weight}, par_weight={self.par_weight} are invalid: expected "
+                             f"non-negative weights, not both 0")
+
+
+@dataclass
+class PairDataConfig:
+    """Fine-tuning data: source/target pairs, their truncation and corruption, batches."""
+
+    corpus: str = "news"
+    """Pairs: a ``.jsonl`` file of ``{"src", "tgt"}`` (token lists allowed), or a built-in corpus
+    (``news``, ``wiki``, ``acl``; the bare name is the train split, ``NAME:SPLIT`` another)."""
+    tokenizer: str = ""
+    """Tokenizer file; "" = the one recorded with ``init`` (or beside it), else bert-base-uncased."""
+    max_src_len: int = 464
+    """Source tokens kept (the head); ``[CLS]`` and ``[SEP]`` come on top. The rest is cut and counted."""
+    max_tgt_len: int = 48
+    """Target tokens kept, including the final ``[SEP]``."""
+    batch_size: int = 16
+    """Examples per micro-batch and rank (the global batch is batch_size * grad_accum * world size)."""
+    target_mask_prob: float = 0.5
+    """Probability of replacing a teacher-forced target copy by ``[MASK]`` (s2s-ft: 0.7 for
+    CNN/DailyMail, 0.4 for XSum)."""
+    keep_prob: float = 0.1
+    """``recipe=s2s-ft``: probability that a ``[P]`` input (and a corrupted copy) is the label itself."""
+    random_prob: float = 0.1
+    """``recipe=s2s-ft``: probability that it is a random token."""
+    seed: int = 0
+    """Seed of the order, the target corruption and dropout."""
+    max_examples: int = 0
+    """Use only the first N pairs (0 = all)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.corpus), "corpus", "a .jsonl file or a built-in corpus name"),
+            (self.max_src_len >= 1, "max_src_len", "a positive number of tokens"),
+            (self.max_tgt_len >= 2, "max_tgt_len", ">= 2 (one token plus [SEP])"),
+            (self.batch_size >= 1, "batch_size", "a positive number of examples"),
+            (0.0 <= self.target_mask_prob < 1.0, "target_mask_prob", "a value in [0, 1)"),
+            (0.0 <= self.keep_prob and 0.0 <= self.random_prob and self.keep_prob + self.random_prob <= 1.0,
+             "keep_prob", "keep_prob, random_prob >= 0 with keep_prob + random_prob <= 1"),
+            (self.max_examples >= 0, "max_examples", ">= 0 (0 = all)"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {want}")
+
+    @property
+    def positions_needed(self) -> int:
+        """Position ids used by the longest example: ``[CLS] src [SEP]`` then the target."""
+        return self.max_src_len + 2 + self.max_tgt_len
+
+
+@dataclass
+class ModelOptions:
+    """Settings of a loaded model that do not change its parameters."""
+
+    attention_backend: str = "auto"
+    """Backend of :func:`pmlm_engine.attention.pseudo_mask_attention`: auto | reference | sdpa | torch | triton."""
+
+
+def _finetune_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-4, warmup_steps=100)
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """A sequence-to-sequence fine-tuning job (docs/finetuning.md): the pre-training model, mask and
+    loss on source/target pairs. ``init`` is required."""
+
+    precision: str = "fp32"
+    steps: int = 1000
+    out: str = "runs/finetune"
+    optim: OptimConfig = field(default_factory=_finetune_optim)
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy (torch's: ``eps`` spread uniformly over the vocabulary)."""
+    recipe: str = "pmlm"
+    """``pmlm`` ([P] inputs always the pseudo token, masked copies ``[MASK]``, torch's label smoothing)
+    or ``s2s-ft`` (s2s-ft's corruption, KL label smoothing and loss normalisation; see
+    :func:`pmlm_engine.layout.s2sft_corruption` and :func:`pmlm_engine.losses.s2sft_smoothed_loss`)."""
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing!r} is invalid: expected a value in [0, 1)")
+        if self.recipe not in ("pmlm", "s2s-ft"):
+            raise ValueError(f"recipe={self.recipe!r} is invalid: choose pmlm or s2s-ft")
+
+
+@dataclass
+class SearchSection:
+    """Decoding search (docs/decoding.md); turned into :class:`pmlm_engine.decode.DecodeConfig`."""
+
+    beam_size: int = 1
+    """Beams per sentence; 1 = greedy."""
+    min_len: Optional[int] = None
+    """``[SEP]`` is forbidden before this many tokens were generated (null: 0, or 1 with ``rules=s2s-ft``)."""
+    length_penalty: float = 0.0
+    """GNMT ``alpha``: hypotheses are ranked by ``score / ((5 + len) / 6) ** alpha``."""
+    rules: str = "pmlm"
+    """Search rules: ``pmlm`` (docs/decoding.md) or ``s2s-ft`` (s2s-ft's beam search reproduced)."""
+    ban_special: bool = True
+    """Never generate ``[PAD]``, ``[CLS]``, ``[MASK]`` (``rules=s2s-ft`` allows them when false, as s2s-ft does)."""
+    max_seq_length: int = 0
+    """``rules=s2s-ft``: s2s-ft's ``--max_seq_length`` (steps = min(max_tgt_len, this - longest source - 2));
+    0 = off."""
+    no_repeat_ngram_size: int = 0
+    """Block repeated n-grams of this size (0 = off)."""
+    ngram_ignore: list[str] = field(default_factory=list)
+    """Vocabulary tokens whose n-grams are never blocked (s2s-ft used ``.``)."""
+    repetition_penalty: float = 1.0
+    """Multiply the log-probability of tokens already generated by this (CTRL; 1 = off)."""
+    coverage_penalty: float = 0.0
+    """Subtract this per use of a token beyond its count in the source (0 = off)."""
+
+    def __post_init__(self) -> None:
+        checks = [(self.beam_size >= 1, "beam_size", ">= 1"),
+                  (self.min_len is None or self.min_len >= 0, "min_len", ">= 0 (or null: the rules' default)"),
+                  (self.rules in ("pmlm", "s2s-ft"), "rules", "pmlm or s2s-ft"),
+                  (self.max_seq_length >= 0, "max_seq_length", ">= 0 (0 = off)"),
+                  (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", ">= 0 (0 = off)")]
+        for ok, name, want in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {want}")
+
+
+@dataclass
+class DecodeDataConfig:
+    """Decoding inputs: sources only (a target, if present, plays no part)."""
+
+    corpus: str = "news:test"
+    """A ``.jsonl`` of ``{"src"}`` (optional ``id``), or a built-in split such as ``news:test``."""
+    tokenizer: str = ""
+    """Tokenizer file; "" = the one recorded in the model folder, else bert-base-uncased."""
+    max_src_len: int = 0
+    """Source tokens kept; 0 = the model's fine-tuning ``data.max_src_len``, else 464."""
+    max_tgt_len: int = 0
+    """Most tokens generated per sentence, the final ``[SEP]`` included; 0 = the model's fine-tuning
+    ``data.max_tgt_len``, else 48."""
+    batch_size: int = 16
+    """Sources per batch."""
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("corpus='' is invalid: name a .jsonl file or a built-in split such as news:test")
+        for name in ("max_src_len", "max_tgt_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: expected >= 0 (0 = the model's)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} is invalid: expected >= 1")
+
+
+@dataclass
+class DecodeJobConfig:
+    """A decoding job: which model, which inputs, which search, where the predictions go."""
+
+    init: str = ""
+    """The model folder to decode with (``pmlm_engine.finetune``'s ``final/``). Required."""
+    out: str = "predictions.jsonl"
+    """The JSONL to write: ``{id, prediction, score, length}`` per input, in input order."""
+    threads: int = 0
+    """torch intra-op threads (0 = auto: torch's default, one per core)."""
+    device: str = "cpu"
+    """torch device, e.g. ``cpu`` or ``cuda:0``."""
+    detok: str = "surface"
+    """Text of the predictions: ``surface`` (readable, the source's casing and spacing where copied),
+    ``rules`` (readable, lowercase) or ``tokenizer`` (the tokenizer's plain decode)."""
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DecodeDataConfig = field(default_factory=DecodeDataConfig)
+    search: SearchSection = field(default_factory=SearchSection)
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} is invalid: 0 (auto: torch's default) or a positive count")
+        if not self.out:
+            raise ValueError("out='' is invalid: name the predictions file")
+        if self.detok not in ("surface", "rules", "tokenizer"):
+            raise ValueError(f"detok={self.detok!r} is invalid: choose surface, rules or tokenizer")
 
 
 def native_bf16() -> bool:
@@ -386,13 +593,14 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """A TrainConfig from a (partial) nested mapping laid over the defaults of :class:`TrainConfig`.
+def from_dict(data: Mapping[str, Any], cls: type = None) -> Any:
+    """A job config (default :class:`TrainConfig`) from a (partial) nested mapping laid over its defaults.
 
     A partial section keeps the job's defaults for the keys it does not name (e.g. ``{"optim":
     {"lr": 3e-4}}`` keeps the job's ``warmup_steps``, not :class:`OptimConfig`'s).
     """
-    return build(TrainConfig, _merge(to_dict(TrainConfig()), data))
+    cls = cls or TrainConfig
+    return build(cls, _merge(to_dict(cls()), data))
 
 
 def parse_value(text: str) -> Any:
@@ -421,13 +629,20 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """The JSON object in ``path``; errors name ``what`` and the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} {p} does not exist")
+    """The JSON object in ``path`` (``-``: standard input); errors name ``what`` and the file."""
+    if str(path) == "-":
+        text, p = sys.stdin.read(), Path("<stdin>")
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{what} {p} does not exist")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{what} {p} is not valid UTF-8: {exc}") from None
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ValueError(f"{what} {p} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {p} must hold a JSON object, got {type(data).__name__}")
@@ -435,8 +650,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-                extra: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Defaults < the JSON file ``path`` < ``extra`` (dotted key -> value) < ``overrides`` (``KEY=VALUE``)."""
+                extra: Mapping[str, Any] | None = None, cls: type = None) -> Any:
+    """Defaults of ``cls`` (default :class:`TrainConfig`) < the JSON file ``path`` < ``extra`` (dotted
+    key -> value, the CLI's shortcut flags) < ``overrides`` (``KEY=VALUE``, the CLI's ``--set``)."""
     data: dict[str, Any] = read_json_object(path, "config file") if path else {}
     for dotted, value in (extra or {}).items():
         apply_override(data, dotted, value)
@@ -446,10 +662,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         dotted, text = item.split("=", 1)
         apply_override(data, dotted.strip(), parse_value(text))
     try:
-        return from_dict(data)
+        return from_dict(data, cls)
     except ValueError as exc:
         raise ValueError(f"{exc}" + (f" (config file {path})" if path else "")) from None
 
 
-__all__ = ["TrainConfig", "ModelSection", "CheckpointConfig", "LoggingConfig", "DeepSpeedSection", "DataConfig",
-           "OptimConfig", "MaskingConfig", "load_config", "from_dict", "to_dict", "build", "SHAPE_FIELDS"]
+__all__ = ["RunConfig", "TrainConfig", "FinetuneConfig", "DecodeJobConfig", "ModelSection", "ModelOptions",
+           "PairDataConfig", "DecodeDataConfig", "SearchSection", "CheckpointConfig", "LoggingConfig",
+           "DeepSpeedSection", "DataConfig", "OptimConfig", "MaskingConfig", "load_config", "from_dict", "to_dict",
+           "build", "SHAPE_FIELDS"]

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pmlm_engine.decode import CachedScorer, DecodeConfig, Hypothesis, beam_search, generate, greedy_search
+from pmlm_engine.decode import (
+    CachedScorer,
+    DecodeConfig,
+    Hypothesis,
+    StaticCachedScorer,
+    beam_search,
+    generate,
+    greedy_search,
+)
 from pmlm_engine.layout import build_seq2seq_example, collate_padded
 
 from .helpers import SPECIAL, tiny_model
@@ -111,13 +119,19 @@ def _same(got: Hypothesis, want: Hypothesis) -> None:
 # --------------------------------------------------------------------------- tests
 
 
+SCORERS = {"dynamic": lambda model, cfg: CachedScorer(model, SPECIAL),
+           "static": lambda model, cfg: StaticCachedScorer(model, SPECIAL, cfg.max_len)}
+
+
+@pytest.mark.parametrize("cache", sorted(SCORERS))
 @pytest.mark.parametrize("cfg", [DecodeConfig(max_len=9), DecodeConfig(max_len=7, min_len=3, no_repeat_ngram_size=2,
                                                                        length_penalty=1.0)])
-def test_cached_greedy_equals_recomputation(cfg: DecodeConfig):
-    """Batched cached greedy decoding (padded sources of different lengths) gives exactly the tokens, and the
-    scores to 1e-10 (float64), of recomputing the full fine-tuning layout at every step."""
+def test_cached_greedy_equals_recomputation(cfg: DecodeConfig, cache: str):
+    """Batched cached greedy decoding (padded sources of different lengths), with the growing cache and with the
+    static-capacity one, gives exactly the tokens, and the scores to 1e-10 (float64), of recomputing the full
+    fine-tuning layout at every step."""
     model = _model()
-    got = greedy_search(CachedScorer(model, SPECIAL), SOURCES, cfg, SPECIAL)
+    got = greedy_search(SCORERS[cache](model, cfg), SOURCES, cfg, SPECIAL)
     want = [ref_greedy(model, s, cfg) for s in SOURCES]
     if cfg.min_len == 0:  # the test exercises both endings: [SEP] and max_len
         assert any(h.ended for h in want) and any(not h.ended for h in want)
@@ -129,11 +143,13 @@ def test_cached_greedy_equals_recomputation(cfg: DecodeConfig):
     (DecodeConfig(beam_size=3, max_len=6), 3.0),  # one sentence done early (3 x [SEP]), one at max_len only
     (DecodeConfig(beam_size=4, max_len=6, min_len=2, length_penalty=0.7, no_repeat_ngram_size=2,
                   ngram_ignore=(9,)), 2.0)])
-def test_cached_beam_equals_recomputation(cfg: DecodeConfig, eos_boost: float):
-    """Cached batched beam search returns the same finished hypotheses (tokens exactly, scores to 1e-10) as a
-    per-sentence beam search that recomputes every beam's whole sequence at every step."""
+@pytest.mark.parametrize("cache", sorted(SCORERS))
+def test_cached_beam_equals_recomputation(cfg: DecodeConfig, eos_boost: float, cache: str):
+    """Cached batched beam search (growing and static cache: beams reordered in place, finished sentences
+    dropped) returns the same finished hypotheses (tokens exactly, scores to 1e-10) as a per-sentence beam
+    search that recomputes every beam's whole sequence at every step."""
     model = _model(eos_boost)
-    got = beam_search(CachedScorer(model, SPECIAL), SOURCES, cfg, SPECIAL)
+    got = beam_search(SCORERS[cache](model, cfg), SOURCES, cfg, SPECIAL)
     for src, hyps in zip(SOURCES, got):
         want = ref_beam(model, src, cfg)
         assert len(hyps) == len(want) >= 1
@@ -193,3 +209,25 @@ def test_too_long_for_the_position_table_is_an_error():
     model = _model()
     with pytest.raises(ValueError, match="positions"):
         generate(model, [list(range(5, 60)) * 2], SPECIAL, DecodeConfig(max_len=20))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_static_step_reads_nothing_back_to_the_host(backend: str, monkeypatch):
+    """A StaticCachedScorer step (after the first call) runs with every Tensor -> host conversion patched to
+    raise (item, bool, int, float, tolist, nonzero): the property CUDA-graph capture needs, checked on the CPU.
+    (The structured CPU backend `torch` reads a flag back in its per-forward preparation.)"""
+    model = _model()
+    model.set_attention_backend(backend)
+    scorer = StaticCachedScorer(model, SPECIAL, max_len=6)
+    with torch.no_grad():
+        scorer.start(SOURCES)
+
+        def host_read(*args, **kwargs):
+            raise AssertionError("a host read in the static decoding step")
+
+        for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, host_read)
+        out = scorer.step(torch.tensor([12, 13, 14]), 2)
+        out = scorer.step(torch.tensor([15, 16, 17]), 3)
+        monkeypatch.undo()
+    assert out.shape == (3, model.config.vocab_size) and torch.isfinite(out).any()

@@ -107,3 +107,40 @@ def test_cli_bootstrap_reports_intervals_and_paired_differences(tmp_path: Path, 
     lo, hi = boot["differences"]["pred.jsonl - lead-3"]["rouge1"]
     assert 0 <= lo < hi  # the predictions are never worse than lead-3 on any example
     assert main(["--pred", str(pred), "--ref", str(ref), "--bootstrap", "-1"]) == 1
+
+
+def test_sentence_split_rule():
+    """The documented rule: . ! ? (+ closing quotes) before whitespace and an uppercase letter, digit or quote;
+    abbreviations, initials and dotted acronyms do not end a sentence; newlines do."""
+    from pmlm_engine.evaluate import split_sentences
+
+    assert split_sentences("Mr. Smith went to Washington. He met Dr. J. Doe at 5 p.m. on Jan. 5. Then he left!") == [
+        "Mr. Smith went to Washington.", "He met Dr. J. Doe at 5 p.m. on Jan. 5.", "Then he left!"]
+    assert split_sentences('The U.S. said "no." Later, 3 came. "Why?" he asked.') == [
+        'The U.S. said "no."', "Later, 3 came.", '"Why?" he asked.']
+    assert split_sentences("a first line\nsecond one. lowercase stays") == ["a first line",
+                                                                           "second one. lowercase stays"]
+    assert split_sentences("   ") == []
+
+
+def test_cli_lead_sentences_and_words_baselines(tmp_path: Path, capsys):
+    """--baseline lead-sentences:K and lead-words:N score the first K sentences / N words; bad specs are errors."""
+    from pmlm_engine.evaluate import lead_sentences, parse_baseline
+
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text(json.dumps({"id": "x", "src": "Council approves budget. Debate was long. Mr. Lee objected.",
+                               "tgt": "Council approves budget."}) + "\n")
+    out = tmp_path / "s.json"
+    assert main(["--ref", str(ref), "--baseline", "lead-sentences:1", "--baseline", "lead-sentences:2",
+                 "--baseline", "lead-words:3", "--output", str(out)]) == 0
+    scores = {r["system"]: r for r in json.loads(out.read_text())["scores"]}
+    assert set(scores) == {"lead-1-sentences", "lead-2-sentences", "lead-3"}
+    assert scores["lead-1-sentences"]["rouge1"] == pytest.approx(100.0)
+    assert scores["lead-2-sentences"]["rouge1"] < 100.0
+    assert scores["lead-3"]["rouge1"] == pytest.approx(100.0)
+    assert lead_sentences("Ab cd. Ef gh. Mr. Lee ij.", 2) == "Ab cd. Ef gh."
+    for bad in ("lead-sentences", "lead-sentences:0", "lead-paragraphs:2", "lead-words:x"):
+        with pytest.raises(ValueError, match="lead-words:N or lead-sentences:K"):
+            parse_baseline(bad)
+    assert main(["--ref", str(ref), "--baseline", "lead-lines:2"]) == 2  # usage (pmlm_engine/errors.py)
+    capsys.readouterr()

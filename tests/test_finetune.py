@@ -12,9 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmlm_engine.finetune import FinetuneConfig, build_examples, finetune, seq2seq_loss
+from pmlm_engine.engine import PMLMTrainStep, target_counts
+from pmlm_engine.finetune import FinetuneTask, build_examples, finetune
 from pmlm_engine.layout import collate_padded
+from pmlm_engine.runner import objective
 from pmlm_engine.s2s_data import EncodedPairs, PairRecord, encode_pairs, read_jsonl_pairs
+from pmlm_engine.train_config import FinetuneConfig, from_dict
 
 from .helpers import SPECIAL, explicit_mask, tiny_model
 
@@ -43,10 +46,21 @@ def _naive_token_losses(model, src: list[int], teacher: list[int], tgt: list[int
     return torch.stack(losses)
 
 
+def _train_loss(model, batch: dict, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the runner trains fine-tuning with: PMLMTrainStep's (AE, PAR) sums of one micro-batch, then the
+    runner's objective with FinetuneTask's loss weights and this batch as the whole global batch."""
+    ae_sum, par_sum = PMLMTrainStep(model, smoothing)(*(batch[k] for k in (
+        "input_ids", "position_ids", "segment_ids", "step", "doc_ids", "labels")))
+    n_ae, n_par = target_counts(batch)
+    loss = objective(ae_sum, par_sum, max(n_ae, 1), max(n_par, 1), FinetuneTask.loss_weights)
+    return loss, ae_sum
+
+
 @pytest.mark.parametrize("target_mask_prob", [0.0, 0.5])
-def test_seq2seq_loss_equals_per_position_forwards(target_mask_prob: float):
-    """The one-pass fine-tuning loss (padded batch of two pairs, label smoothing 0.1) equals, token by token and
-    in the mean, one forward per target position with an explicit mask (float64, 1e-10)."""
+def test_finetune_loss_equals_per_position_forwards(target_mask_prob: float):
+    """The loss fine-tuning trains with (padded batch of two pairs, label smoothing 0.1) equals the mean over
+    target tokens of one forward per target position with an explicit mask, and each pair alone its own
+    per-position losses (float64, 1e-10)."""
     rng = np.random.default_rng(0)
     pairs = [(rng.integers(5, 61, 9).tolist(), rng.integers(5, 61, 5).tolist() + [SPECIAL.sep]),
              (rng.integers(5, 61, 4).tolist(), rng.integers(5, 61, 7).tolist() + [SPECIAL.sep])]
@@ -55,28 +69,31 @@ def test_seq2seq_loss_equals_per_position_forwards(target_mask_prob: float):
     model = tiny_model(torch.float64)
     batch = collate_padded(examples, SPECIAL.pad)
     with torch.no_grad():
-        out = seq2seq_loss(model, batch, label_smoothing=0.1)
+        loss, ae_sum = _train_loss(model, batch, 0.1)
         naive = []
         for ex, (src, tgt) in zip(examples, pairs):
             teacher = ex.input_ids[ex.step > 0].tolist()
             if target_mask_prob == 0:
                 assert teacher == tgt
             naive.append(_naive_token_losses(model, src, teacher, tgt, 0.1))
+        for ex, want in zip(examples, naive):  # one pair per batch: its own mean
+            alone, _ = _train_loss(model, collate_padded([ex], SPECIAL.pad), 0.1)
+            torch.testing.assert_close(alone, want.mean(), rtol=1e-10, atol=0)
     naive = torch.cat(naive)
     if target_mask_prob > 0:
         assert sum((ex.input_ids[ex.step > 0] == SPECIAL.mask).sum() for ex in examples) > 0
-    assert out.ae_tokens == 0 and out.par_tokens == len(naive) == 6 + 8
-    torch.testing.assert_close(out.token_loss, naive, rtol=1e-10, atol=0)
-    torch.testing.assert_close(out.loss, naive.mean(), rtol=1e-10, atol=0)
+    assert target_counts(batch) == (0, len(naive)) and len(naive) == 6 + 8 and float(ae_sum) == 0.0
+    torch.testing.assert_close(loss, naive.mean(), rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "torch"])
-def test_seq2seq_gradients_agree_across_attention_backends(backend: str):
-    """Fine-tuning's loss and gradients on a padded seq2seq batch (relative bias on) through each CPU attention
-    backend equal the reference backend's (float64, 1e-9)."""
+def test_finetune_gradients_agree_across_attention_backends(backend: str):
+    """The fine-tuning loss and its gradients on a padded seq2seq batch (relative bias on) through each CPU
+    attention backend equal the reference backend's (float64, 1e-9)."""
     rng = np.random.default_rng(1)
     enc = EncodedPairs(["a", "b"], [rng.integers(5, 61, 17).tolist(), rng.integers(5, 61, 6).tolist()],
-                       [rng.integers(5, 61, 4).tolist() + [SPECIAL.sep], rng.integers(5, 61, 9).tolist() + [SPECIAL.sep]])
+                       [rng.integers(5, 61, 4).tolist() + [SPECIAL.sep],
+                        rng.integers(5, 61, 9).tolist() + [SPECIAL.sep]])
     batch = collate_padded(build_examples(enc, SPECIAL, 0.3, seed=0, epoch=0, indices=[0, 1]), SPECIAL.pad)
     results = []
     for name in ("reference", backend):
@@ -85,7 +102,7 @@ def test_seq2seq_gradients_agree_across_attention_backends(backend: str):
         for mod in model.modules():
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
-        loss = seq2seq_loss(model, batch, label_smoothing=0.1).loss
+        loss, _ = _train_loss(model, batch, 0.1)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (ref_loss, ref_grads), (loss, grads) = results
@@ -184,15 +201,80 @@ def test_finetune_run_writes_a_model_that_decode_loads(tmp_path: Path, tokenizer
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"src": f"story number {i} about the city council " * 3,
                                         "tgt": f"council story {i}"}) + "\n" for i in range(6)))
-    summary = finetune(FinetuneConfig(init=str(init), data=str(data), out=str(tmp_path / "ft"), max_src_len=40,
-                                      max_tgt_len=30, steps=4, batch_size=3, warmup_steps=1, log_every=2, lr=1e-3))
+    summary = finetune(from_dict({
+        "init": str(init), "out": str(tmp_path / "ft"), "steps": 4, "threads": 1,
+        "data": {"corpus": str(data), "max_src_len": 40, "max_tgt_len": 30, "batch_size": 3},
+        "optim": {"lr": 1e-3, "warmup_steps": 1}, "logging": {"every": 2, "progress": False, "tensorboard": False}},
+        FinetuneConfig))
     rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
     model = load_model(summary["model"])
     assert model.config.max_position == 72
     out = tmp_path / "pred.jsonl"
-    rc = decode_main(["--model", summary["model"], "--input", str(data), "--output", str(out), "--beam", "2",
-                      "--max-len", "5", "--batch-size", "4"])
+    rc = decode_main(["--init", summary["model"], "--corpus", str(data), "--out", str(out), "--beam", "2",
+                      "--max-tgt-len", "5", "--batch-size", "4", "--threads", "1"])
     assert rc == 0
     preds = [json.loads(x) for x in out.read_text().splitlines()]
     assert [p["id"] for p in preds] == [str(i) for i in range(1, 7)] and all("prediction" in p for p in preds)
+
+
+def _tiny_init(tmp_path: Path, vocab_size: int, vocab: Path, dropout: float) -> Path:
+    from pmlm_engine.checkpoint import save_model
+    from pmlm_engine.config import ModelConfig
+    from pmlm_engine.model import PMLMModel
+
+    torch.manual_seed(0)
+    return save_model(PMLMModel(ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                                            intermediate_size=64, max_position=64, hidden_dropout=dropout)),
+                      tmp_path / "init", extra={"tokenizer": str(vocab)})
+
+
+def test_sigterm_then_the_same_command_resumes_the_same_loss_sequence(tmp_path: Path, tokenizer, monkeypatch):
+    """A fine-tune (torch engine, dropout on, 2 micro-steps per step) that receives SIGTERM during step 5 finishes
+    that step, checkpoints and returns; the same configuration run again resumes there and writes the metrics
+    rows of an uninterrupted run, losses bit for bit, and the same final weights."""
+    import os
+    import signal
+
+    from pmlm_engine.checkpoint import load_model
+    from pmlm_engine.corpus import minilm_dir
+    from pmlm_engine.runner import Runner
+
+    vocab = minilm_dir() / "vocab.txt"
+    init = _tiny_init(tmp_path, tokenizer.vocab_size, vocab, dropout=0.1)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"src": f"report {i} on the harbour works and the budget " * (1 + i % 3),
+                                        "tgt": f"harbour report {i}"}) + "\n" for i in range(7)))
+
+    def cfg(out: str) -> FinetuneConfig:
+        return from_dict({"init": str(init), "out": str(tmp_path / out), "steps": 8, "grad_accum": 2, "threads": 1,
+                          "data": {"corpus": str(data), "max_src_len": 24, "max_tgt_len": 8, "batch_size": 2},
+                          "optim": {"lr": 3e-3, "warmup_steps": 2}, "checkpoint": {"every": 3, "keep": 1},
+                          "model": {"attention_backend": "sdpa"},
+                          "logging": {"every": 1, "progress": False, "tensorboard": False}}, FinetuneConfig)
+
+    full = finetune(cfg("full"))
+    original = Runner.before_optimizer_step
+
+    def sigterm_at_step_5(self, step):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, step)
+
+    monkeypatch.setattr(Runner, "before_optimizer_step", sigterm_at_step_5)
+    cut = finetune(cfg("cut"))
+    assert cut["stopped_by"] == "SIGTERM" and cut["steps"] == 5 and "model" not in cut
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["latest", "step00000005"]
+    monkeypatch.setattr(Runner, "before_optimizer_step", original)
+    resumed = finetune(cfg("cut"))
+    assert resumed["start_step"] == 5 and resumed["steps"] == 8
+    want, got = metrics_rows(tmp_path / "full"), metrics_rows(tmp_path / "cut")
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want] == full["losses"]
+    assert [(r["lr"], r["epoch"]) for r in got] == [(r["lr"], r["epoch"]) for r in want]
+    a, b = load_model(tmp_path / "cut" / "final"), load_model(tmp_path / "full" / "final")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]

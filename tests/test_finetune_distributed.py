@@ -1,27 +1,33 @@
-"""Fine-tuning in real processes: two DeepSpeed ranks (ZeRO-2, gloo) against one torch process.
+"""Fine-tuning in real processes: two DeepSpeed ranks (ZeRO-2, gloo) against one torch process, and a SIGTERM
+to both ranks followed by the same command.
 
-``deepspeed --num_gpus 2 pmlm_engine/finetune.py`` with ``--batch-size 4`` (2 examples per rank) gives the
-per-step losses of ``python pmlm_engine/finetune.py --engine torch --batch-size 4`` (both as script paths).
-Every rank draws the same global batch and trains on its half; the loss is the summed target
-cross-entropy over the global count of target tokens, so the split does not change it mathematically.
-Dropout is off (it could not agree across a different split of random streams); the target corruption
-is seeded per example, so it is the same on either side. What differs is fp32 summation order only
-(two half-batch gradient sums all-reduced instead of one, padding to a different row length, the loss
-summed over two ranks): ~1e-7 relative per step, carried through Adam for 6 steps -- hence rtol 1e-5,
-as in tests/test_train_distributed.py for pre-training. Rank 0 alone writes metrics (one row per step)
-and the model folder, whose gathered fp32 weights agree with the single process to 1e-5.
+``deepspeed --num_gpus 2 pmlm_engine/finetune.py --batch-size 2`` (2 pairs per rank) gives the per-step
+losses of ``python pmlm_engine/finetune.py --engine torch --batch-size 4`` (both as script paths): the
+global batch is the same 4 pairs, and the loss is the summed target cross-entropy over the global count
+of target tokens, so the split does not change it mathematically. Dropout is off (it could not agree
+across a different split of random streams); the target corruption is seeded per pair. What differs is
+fp32 summation order only (two half-batch gradient sums all-reduced instead of one, padding to a
+different row length): ~1e-7 relative per step, carried through Adam -- hence rtol 1e-5, as in
+tests/test_train_distributed.py for pre-training. Rank 0 alone writes metrics and the model folder.
 
-About 20 s on the 2-core machine (~8 s of it the launcher).
+Then the same 2-rank job is stopped: SIGTERM to both ranks (what a cluster scheduler does) after a few
+steps; they agree on the step to stop at, checkpoint, exit 0; the same command resumes, and the
+metrics.jsonl loss sequence equals the uninterrupted 2-rank run's bit for bit.
+
+About 60 s on the 2-core machine (three 2-rank launches of ~15 s, one process of ~6 s).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -36,7 +42,7 @@ from .test_train_fixtures import ROOT, metrics, paragraphs, subprocess_env, writ
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 FINETUNE_SCRIPT = ROOT / "pmlm_engine" / "finetune.py"
-STEPS = 6
+STEPS = 12
 
 
 def _run(args: list[str], launcher: list[str]) -> None:
@@ -47,7 +53,12 @@ def _run(args: list[str], launcher: list[str]) -> None:
                              f"stderr:\n{proc.stderr[-6000:]}")
 
 
-def test_two_ranks_zero2_match_one_process(tmp_path: Path):
+def _ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    return [p for p in launcher.children(recursive=True) if "finetune.py" in " ".join(p.cmdline())
+            and "--local_rank" in " ".join(p.cmdline())]
+
+
+def test_two_ranks_zero2_match_one_process_and_resume_after_sigterm(tmp_path: Path):
     docs = paragraphs(40)
     vocab = write_vocab(tmp_path / "vocab.txt", docs)
     tok = load_tokenizer(vocab)
@@ -58,12 +69,13 @@ def test_two_ranks_zero2_match_one_process(tmp_path: Path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"src": d, "tgt": " ".join(d.split()[:3 + i % 5])}) + "\n"
                             for i, d in enumerate(docs[:12])))
-    common = ["--init", str(init), "--data", str(data), "--max-src-len", "24", "--max-tgt-len", "10",
-              "--steps", str(STEPS), "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--log-every", "1",
-              "--attention-backend", "sdpa", "--threads", "1"]
-    _run([*common, "--engine", "torch", "--out", str(tmp_path / "single")], [sys.executable])
-    _run([*common, "--zero-stage", "2", "--out", str(tmp_path / "z2")],  # engine auto: deepspeed under the launcher
-         [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())])
+    common = ["--init", str(init), "--corpus", str(data), "--max-src-len", "24", "--max-tgt-len", "10",
+              "--steps", str(STEPS), "--lr", "3e-3", "--warmup", "2", "--log-every", "1",
+              "--attention-backend", "sdpa", "--threads", "1", "--set", "logging.progress=false"]
+    ds = [str(BIN / "deepspeed"), "--num_gpus", "2"]
+    _run([*common, "--engine", "torch", "--batch-size", "4", "--out", str(tmp_path / "single")], [sys.executable])
+    z2 = [*common, "--zero-stage", "2", "--batch-size", "2"]  # engine auto: deepspeed under the launcher
+    _run([*z2, "--out", str(tmp_path / "z2")], [*ds, "--master_port", str(_free_port())])
 
     ref, got = metrics(tmp_path / "single"), metrics(tmp_path / "z2")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # one writer: rank 0
@@ -72,9 +84,33 @@ def test_two_ranks_zero2_match_one_process(tmp_path: Path):
     np.testing.assert_allclose([r["lr"] for r in got], [r["lr"] for r in ref], rtol=1e-12)
     assert ref[-1]["loss"] < ref[0]["loss"]
     cfg = json.loads((tmp_path / "z2" / "final" / "config.json").read_text())
-    assert cfg["finetune"]["zero_stage"] == 2 and cfg["tokenizer"] == str(vocab)
+    assert cfg["finetune"]["deepspeed"]["zero_stage"] == 2 and cfg["tokenizer"] == "vocab.txt"
     want = dict(load_model(tmp_path / "single" / "final").named_parameters())
     have = dict(load_model(tmp_path / "z2" / "final").named_parameters())
     assert have.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(have[k], want[k], rtol=0, atol=1e-5, msg=k)
+
+    # the same 2-rank job, SIGTERM to both ranks after >= 3 logged steps, then the same command again
+    cut = [*z2, "--out", str(tmp_path / "cut")]
+    port = str(_free_port())
+    proc = subprocess.Popen([*ds, "--master_port", port, str(FINETUNE_SCRIPT), *cut], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-4000:]
+        time.sleep(0.005)
+    ranks = _ranks(psutil.Process(proc.pid))
+    assert len(ranks) == 2
+    for r in ranks:
+        r.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-4000:]
+    stopped = metrics(tmp_path / "cut")[-1]["step"]
+    assert 3 <= stopped < STEPS, "the job ended before the signal arrived: make it longer"
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+    _run(cut, [*ds, "--master_port", str(_free_port())])
+    resumed = metrics(tmp_path / "cut")
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in got]  # bit for bit

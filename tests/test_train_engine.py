@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pmlm_engine.checkpoint import CheckpointManager, load_model, save_model
+from pmlm_engine.checkpoint import CheckpointManager, load_model, model_tokenizer, save_model
 from pmlm_engine.config import ModelConfig
 from pmlm_engine.model import PMLMModel
 from pmlm_engine.train import train, warm_start
@@ -69,7 +69,7 @@ def test_run_leaves_metrics_plot_checkpoint_and_bit_identical_export(tmp_path, f
     ckpt = load_file(str(out / "checkpoints" / "step00000012" / "model.safetensors"))
     params = dict(final.named_parameters())
     assert set(params) == set(ckpt) and all(torch.equal(params[k], ckpt[k]) for k in ckpt)
-    assert json.loads((out / "final" / "config.json").read_text())["tokenizer"] == str(files[1])
+    assert Path(model_tokenizer(out / "final")).read_bytes() == files[1].read_bytes()  # bundled in the folder
     assert summary["steps"] == 12 and summary["stopped_by"] is None
 
 
@@ -121,7 +121,7 @@ def _other_vocab_model(tmp: Path) -> Path:
                                    r"in .*vocab.txt\)"),
     ("missing tokenizer", FileNotFoundError, r"data.tokenizer=.*nope-vocab.txt.*does not exist"),
     ("empty tokenizer", ValueError, r"data.tokenizer=.*empty-vocab.txt.*is empty"),
-    ("warm start vocab", ValueError, r"init_from=.*other-model.*vocab_size=999.*vocab_size=\d+:.*data.tokenizer"),
+    ("warm start vocab", ValueError, r"init=.*other-model.*vocab_size=999.*vocab_size=\d+:.*data.tokenizer"),
     ("max_len", ValueError, r"data.max_len=100 exceeds the model's max_position=64"),
     ("global batch", ValueError, r"global_batch_size=8 != data.batch_size \* grad_accum \* world size = 4 \* 1 \* 1"),
 ])
@@ -143,14 +143,14 @@ def test_bad_inputs_fail_before_the_first_step(tmp_path, files, case, error, mat
         (tmp_path / "empty-vocab.txt").write_text("")
         cfg["data"]["tokenizer"] = str(tmp_path / "empty-vocab.txt")
     elif case == "warm start vocab":
-        cfg["init_from"] = str(_other_vocab_model(tmp_path))
+        cfg["init"] = str(_other_vocab_model(tmp_path))
     elif case == "max_len":
         cfg["data"]["max_len"] = 100
     elif case == "global batch":
         cfg["global_batch_size"] = 8
     with pytest.raises(error, match=match):
         _run(cfg)
-    assert not (Path(cfg["out"]) / "metrics.jsonl").exists()  # nothing trained
+    assert not Path(cfg["out"]).exists()  # nothing written before the inputs are checked
 
 
 def test_checkpoints_are_atomic_and_rotated(tmp_path):
@@ -174,9 +174,8 @@ def test_checkpoints_are_atomic_and_rotated(tmp_path):
         manager.save(step, write, {"step": step})
     assert manager.tags() == ["step00000003", "step00000004"] and manager.latest().name == "step00000004"
     assert not list(tmp_path.glob(".tmp-*")) and CheckpointManager.read_state(manager.latest()) == {"step": 4}
-    (tmp_path / "latest").write_text("step00000002")
-    with pytest.raises(ValueError, match="names 'step00000002', which is not a complete checkpoint"):
-        manager.latest()
+    (tmp_path / "latest").write_text("step00000002")  # a pointer to a pruned checkpoint: the newest that verifies
+    assert CheckpointManager(tmp_path, keep=2).latest() == tmp_path / "step00000004"
 
 
 def test_warm_start_from_a_hf_bert_checkpoint(tmp_path, files):
