@@ -205,17 +205,17 @@ def finetune_and_score(out: Path, files: dict[str, Path], plan: Plan, row: str, 
     result_file = run / "result.json"
     if result_file.is_file():
         return _read_json(result_file)
-    argv = ["--init", init, "--data", str(files[f"{task}:train"]), "--out", str(run), "--steps",
+    argv = ["--init", init, "--corpus", str(files[f"{task}:train"]), "--out", str(run), "--steps",
             str(plan.finetune_steps), "--batch-size", str(plan.finetune_batch), "--max-src-len", str(plan.max_src_len),
             "--max-tgt-len", str(plan.max_tgt_len), "--lr", str(plan.finetune_lr), "--warmup",
             str(plan.finetune_warmup), "--target-mask-prob", str(plan.target_mask_prob), "--label-smoothing",
-            str(plan.label_smoothing), "--dtype", "bf16", "--seed", str(seed), "--threads", str(threads)]
+            str(plan.label_smoothing), "--precision", "bf16", "--seed", str(seed), "--threads", str(threads)]
     with _step(f"fine-tune {row} on {task}, seed {seed}"):
         _cli(finetune_cli.main, argv, f"fine-tuning {row} on {task}")
     rows = _metrics(run / "metrics.jsonl")
     pred = run / "predictions.jsonl"
     with _step(f"decode {row} on {task}, seed {seed}"):
-        _cli(decode_cli.main, ["--model", str(run / "final"), "--input", str(files[f"{task}:test"]), "--output",
+        _cli(decode_cli.main, ["--init", str(run / "final"), "--corpus", str(files[f"{task}:test"]), "--out",
                                str(pred), "--beam", str(plan.beam), "--length-penalty", str(plan.length_penalty),
                                "--no-repeat-ngram", str(plan.no_repeat_ngram), "--min-len", str(plan.min_len),
                                "--threads", str(threads)], f"decoding {row} on {task}")
@@ -223,9 +223,10 @@ def finetune_and_score(out: Path, files: dict[str, Path], plan: Plan, row: str, 
     from pmlm_engine.checkpoint import load_model
 
     params = load_model(run / "final").num_parameters()
+    steps_before = [0] + [r["step"] for r in rows[:-1]]  # each metrics row is a window of steps
     result = {"row": row, "task": task, "seed": seed, "predictions": predictions, "steps": plan.finetune_steps,
-                  "train_seconds": rows[-1]["elapsed_s"] if rows else None, "params": params,
-                  "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None}
+              "train_seconds": sum(r["step_time_s"] * (r["step"] - b) for r, b in zip(rows, steps_before)),
+              "params": params, "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
     result_file.write_text(json.dumps(result))
     return result
 

