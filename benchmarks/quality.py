@@ -251,7 +251,7 @@ def bert2bert(out: Path, files: dict[str, Path], plan: Plan, task: str, seed: in
     from transformers.utils import logging as hf_logging
 
     from pmlm_engine.corpus import minilm_dir
-    from pmlm_engine.finetune import EpochSampler
+    from pmlm_engine.finetune import PairStream
     from pmlm_engine.optim import OptimConfig, build_optimizer, build_scheduler
     from pmlm_engine.s2s_data import encode_pairs, read_jsonl_pairs
     from pmlm_engine.tokenizer import load_tokenizer
@@ -270,7 +270,7 @@ def bert2bert(out: Path, files: dict[str, Path], plan: Plan, task: str, seed: in
     ocfg = OptimConfig(lr=plan.peer_lr, warmup_steps=plan.finetune_warmup)
     opt = build_optimizer(model, ocfg)
     sched = build_scheduler(opt, ocfg, plan.finetune_steps)
-    sampler = EpochSampler(len(train.ids), plan.finetune_batch, seed)
+    stream = PairStream(len(train.ids), seed)  # our fine-tuning's data order: the same batches
 
     def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(s) for s in seqs)
@@ -279,9 +279,10 @@ def bert2bert(out: Path, files: dict[str, Path], plan: Plan, task: str, seed: in
     model.train()
     losses, step_times = [], []
     with _step(f"fine-tune bert2bert on {task}, seed {seed}"):
-        for _ in tqdm(range(plan.finetune_steps), desc="fine-tune bert2bert", unit="step"):
+        for step in tqdm(range(plan.finetune_steps), desc="fine-tune bert2bert", unit="step"):
             t0 = time.perf_counter()
-            picks = [i for _, i in sampler.next()]
+            first = step * plan.finetune_batch
+            picks = [stream.at(q)[1] for q in range(first, first + plan.finetune_batch)]
             src = pad([[sp.cls] + train.src[i] + [sp.sep] for i in picks], sp.pad)
             tgt = [train.tgt[i] for i in picks]  # ends with [SEP]
             dec_in = pad([[sp.cls] + t[:-1] for t in tgt], sp.pad)
