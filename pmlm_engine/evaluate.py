@@ -38,6 +38,12 @@ built-in split):
   ``Jan.``, ``Inc.``, ``e.g.``, ...), a single letter (an initial) or letters joined by dots
   (``U.S.``). Newlines always end a sentence. A rule, not a model: it misses boundaries after
   an abbreviation that really ends a sentence.
+
+``--bootstrap N`` adds 95% confidence intervals for ROUGE-1/2/L (percentile bootstrap: N
+resamples of the examples with replacement, seeded by ``--bootstrap-seed``), and, for every
+prediction file against every baseline, the interval of the paired difference on the
+same resamples (a win is a win when that interval is above 0). BLEU, a corpus statistic, gets
+no interval.
 """
 
 from __future__ import annotations
@@ -115,6 +121,42 @@ def score(predictions: Sequence[str], references: Sequence[str], system: str = "
         log.warning("%s: %d of %d predictions are empty (they score 0)", system, empty, n)
     return Scores(system, n, *(100 * sums[k] / n for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")),
                   bleu.score, empty)
+
+
+BOOTSTRAP_METRICS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F-measures of each example (fractions, not percents): what the bootstrap resamples."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(BOOTSTRAP_METRICS), use_stemmer=True)
+    out: dict[str, list[float]] = {k: [] for k in BOOTSTRAP_METRICS}
+    for pred, ref in zip(predictions, references):
+        result = scorer.score(_sentences(ref), _sentences(pred))
+        for key in BOOTSTRAP_METRICS:
+            out[key].append(result[key].fmeasure)
+    return out
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int) -> Any:
+    """``(resamples, n)`` example indices drawn with replacement; the same draws serve every system so
+    that differences between systems are paired."""
+    import numpy as np
+
+    if n < 1 or resamples < 1:
+        raise ValueError(f"bootstrap needs examples and resamples, got n={n}, resamples={resamples}")
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def bootstrap_ci(values: Sequence[float], indices: Any, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval (times 100) of the mean of ``values`` over the resamples ``indices``."""
+    import numpy as np
+
+    means = np.asarray(values, dtype=np.float64)[indices].mean(axis=1) * 100
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def lead(text: str, n_words: int) -> str:
@@ -275,6 +317,31 @@ def markdown(rows: Sequence[Scores]) -> str:
     return "\n".join(lines)
 
 
+def bootstrap_report(rows: Sequence[Scores], outputs: Sequence[Sequence[str]], references: Sequence[str],
+                     n_systems: int, resamples: int, seed: int) -> dict[str, Any]:
+    """95% intervals of every row's ROUGE-1/2/L, and of each of the first ``n_systems`` rows minus
+    each later (baseline) row, all on the same resamples."""
+    idx = bootstrap_indices(len(references), resamples, seed)
+    per = [rouge_per_example(texts, references) for texts in outputs]
+    ci = {r.system: {k: bootstrap_ci(p[k], idx) for k in BOOTSTRAP_METRICS} for r, p in zip(rows, per)}
+    diffs: dict[str, dict[str, tuple[float, float]]] = {}
+    for i in range(n_systems):
+        for j in range(n_systems, len(rows)):
+            diffs[f"{rows[i].system} - {rows[j].system}"] = {
+                k: bootstrap_ci([a - b for a, b in zip(per[i][k], per[j][k])], idx) for k in BOOTSTRAP_METRICS}
+    lines = [f"95% bootstrap intervals ({resamples} resamples, seed {seed})", "",
+             "| system | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.system} | " + " | ".join(
+            f"{getattr(r, k):.2f} [{ci[r.system][k][0]:.2f}, {ci[r.system][k][1]:.2f}]" for k in BOOTSTRAP_METRICS)
+            + " |")
+    for name, d in diffs.items():
+        lines.append(f"| {name} | " + " | ".join(f"[{d[k][0]:+.2f}, {d[k][1]:+.2f}]" for k in BOOTSTRAP_METRICS)
+                     + " |")
+    return {"resamples": resamples, "seed": seed, "level": 0.95, "intervals": ci, "differences": diffs,
+            "markdown": "\n".join(lines)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m pmlm_engine.evaluate``, inside the shared error boundary."""
     return run_cli(_main, argv)
@@ -294,6 +361,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("--repetition", action="store_true",
                    help="also report the share of predictions repeating a content word / a word bigram")
     p.add_argument("--output", default=None, help="write the scores as JSON here")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="95%% bootstrap intervals of ROUGE-1/2/L from N resamples, and of each prediction file's "
+                        "difference to each baseline (default 0: off; 1000 is usual)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resamples (default 0)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .cli import quiet_dependencies
@@ -302,14 +373,18 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     baselines = [("lead-words", n) for n in args.lead] + [parse_baseline(b) for b in args.baseline]
     if not args.pred and not baselines:
         raise ValueError("nothing to score: give --pred FILE and/or --baseline lead-words:N | lead-sentences:K")
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap {args.bootstrap}: expected 0 (off) or a number of resamples")
     if args.output:  # before any work: not a folder, not one of the inputs
         check_output_file(args.output, inputs=[args.ref, *args.pred])
     refs = read_references(args.ref)
-    rows = []
+    rows: list[Scores] = []
+    outputs: list[list[str]] = []  # each row's texts, for the bootstrap
     repetition: dict[str, dict[str, float]] = {}
     for f in args.pred:
         preds = align(read_predictions(f), refs)
         rows.append(score(preds, refs.texts, Path(f).name, not args.cased_bleu))
+        outputs.append(preds)
         if args.repetition:
             repetition[Path(f).name] = repetition_rates(preds)
     for kind, n in baselines:
@@ -318,8 +393,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         if n < 1:
             raise ValueError(f"--lead {n}: expected a positive number of words")
         name = f"lead-{n}" if kind == "lead-words" else f"lead-{n}-sentences"
-        rows.append(score([baseline(kind, n, s) for s in refs.sources], refs.texts, name, not args.cased_bleu))
+        outputs.append([baseline(kind, n, s) for s in refs.sources])
+        rows.append(score(outputs[-1], refs.texts, name, not args.cased_bleu))
+    intervals = (bootstrap_report(rows, outputs, refs.texts, len(args.pred), args.bootstrap, args.bootstrap_seed)
+                 if args.bootstrap else None)
     print(markdown(rows))
+    if intervals:
+        print(intervals["markdown"])
     if args.repetition:
         repetition["references"] = repetition_rates(refs.texts)
         for name, rates in repetition.items():
@@ -329,6 +409,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         out: dict[str, Any] = {"references": args.ref, "scores": [asdict(r) for r in rows]}
         if args.repetition:
             out["repetition"] = repetition
+        if intervals:
+            out["bootstrap"] = {k: v for k, v in intervals.items() if k != "markdown"}
         with atomic_file(args.output) as fh:
             fh.write(json.dumps(json_safe(out), indent=2, allow_nan=False))
     return 0

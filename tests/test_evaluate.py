@@ -61,6 +61,55 @@ def test_cli_scores_files_with_lead_baseline(tmp_path: Path, capsys):
         read_predictions(bad)
 
 
+def test_bootstrap_interval_matches_a_direct_loop():
+    """The vectorised percentile interval equals a plain loop over the same resamples; it brackets the mean,
+    is degenerate for constant scores, and the paired difference of a system with itself is exactly 0."""
+    import numpy as np
+
+    from pmlm_engine.evaluate import bootstrap_ci, bootstrap_indices
+
+    rng = np.random.default_rng(5)
+    values = rng.random(37).tolist()
+    idx = bootstrap_indices(len(values), 500, seed=3)
+    assert idx.shape == (500, 37) and idx.min() >= 0 and idx.max() < 37
+    means = sorted(100 * sum(values[j] for j in row) / 37 for row in idx.tolist())
+    lo, hi = bootstrap_ci(values, idx)
+    assert lo == pytest.approx(np.percentile(means, 2.5)) and hi == pytest.approx(np.percentile(means, 97.5))
+    assert lo < 100 * np.mean(values) < hi and hi - lo > 1  # 37 uniform scores: a wide interval
+    assert bootstrap_ci([0.25] * 10, bootstrap_indices(10, 50, 0)) == pytest.approx((25.0, 25.0))
+    assert (bootstrap_indices(37, 500, 3) == idx).all() and not (bootstrap_indices(37, 500, 4) == idx).all()
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_indices(5, 0, 0)
+
+
+def test_cli_bootstrap_reports_intervals_and_paired_differences(tmp_path: Path, capsys):
+    """--bootstrap adds per-system intervals and system-minus-baseline intervals to the table and the JSON."""
+    ref = tmp_path / "ref.jsonl"
+    srcs = ["council approves budget after debate", "storm hits coast overnight", "team wins cup final again",
+            "court blocks new rule today"]
+    tgts = ["council approves budget", "storm hits coast", "team wins final", "judge halts rule"]
+    ref.write_text("".join(json.dumps({"id": str(i), "src": s, "tgt": t}) + "\n"
+                           for i, (s, t) in enumerate(zip(srcs, tgts))))
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps({"id": str(i), "prediction": p}) + "\n" for i, p in enumerate(
+        ["council approves budget", "storm hits coast", "team wins final", "court blocks rule"])))
+    out = tmp_path / "scores.json"
+    assert main(["--pred", str(pred), "--ref", str(ref), "--lead", "3", "--bootstrap", "300", "--output",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "95% bootstrap intervals (300 resamples, seed 0)" in printed and "| pred.jsonl - lead-3 |" in printed
+    boot = json.loads(out.read_text())["bootstrap"]
+    scores = {r["system"]: r for r in json.loads(out.read_text())["scores"]}
+    for system in ("pred.jsonl", "lead-3"):
+        for k in ("rouge1", "rouge2", "rougeL"):
+            lo, hi = boot["intervals"][system][k]
+            assert lo <= scores[system][k] <= hi
+    lo, hi = boot["differences"]["pred.jsonl - lead-3"]["rouge1"]
+    assert 0 <= lo < hi  # the predictions are never worse than lead-3 on any example
+    assert main(["--pred", str(pred), "--ref", str(ref), "--bootstrap", "-1"]) == 2  # usage (pmlm_engine/errors.py)
+    assert "--bootstrap -1" in capsys.readouterr().err
+
+
 def test_sentence_split_rule():
     """The documented rule: . ! ? (+ closing quotes) before whitespace and an uppercase letter, digit or quote;
     abbreviations, initials and dotted acronyms do not end a sentence; newlines do."""
