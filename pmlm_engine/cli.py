@@ -66,7 +66,7 @@ FLAGS = {f.name: f for f in [
     Flag("--warmup", "optim.warmup_steps", "linear warmup steps (clamped to --steps)", int,
          aliases=("--warmup_steps",), metavar="N"),
     Flag("--lr", "optim.lr", "peak learning rate", float, aliases=("--learning_rate",)),
-    Flag("--optimizer", "optim.optimizer", "update rule (the fused kernel of the environment on a GPU; lamb needs one)",
+    Flag("--optimizer", "optim.optimizer", "update rule (fused kernels on a GPU)",
          choices=["adamw", "lamb"], aliases=("--optim",)),
     Flag("--batch-size", "data.batch_size", "examples per rank and micro-step", int,
          aliases=("--per_device_train_batch_size",), metavar="N", per_kind=(("decode", "sources per batch"),)),
@@ -130,6 +130,7 @@ FLAGS = {f.name: f for f in [
 SWITCHES = (
     ("--overwrite", "checkpoint.overwrite", "with --resume never: delete earlier outputs"),
     ("--trust-checkpoint", "checkpoint.trust", "resume from a folder without manifest (unpickles)"),
+    ("--compile", "model.compile", "run the encoder layers through torch.compile"),
 )
 """Training switches that take no value (each sets its boolean field to true)."""
 
@@ -232,7 +233,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         g.add_argument(name, help=f"{text} [{f.field}]{also}", **kwargs)
         if f.aliases or legacy:  # accepted under the other spellings, listed once in the help text
             g.add_argument(*f.aliases, *legacy, help=argparse.SUPPRESS, **kwargs)
-    if kind in ("train", "finetune"):  # switches (no value) of the output-safety fields
+    if kind in ("train", "finetune"):  # switches (no value): output safety, compile
         for name, dest, text in SWITCHES:
             g.add_argument(name, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
                            help=f"{text} [{dest}]")

@@ -162,6 +162,8 @@ class FinetuneTask(Task):
             log.warning("data.max_src_len + 2 + data.max_tgt_len = %d positions exceed the model's %d: extending "
                         "the position table (rows copied cyclically)", needed, model.config.max_position)
             extend_positions(model, needed)
+        if cfg.model.compile:
+            model.compile_encoder()
         self.model, self.model_cfg = model, model.config
         self.fingerprint = {"tokenizer vocabulary (sha256)": tokenizer_fingerprint(self.tokenizer)}
 

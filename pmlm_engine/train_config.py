@@ -339,6 +339,9 @@ class ModelOptions:
 
     attention_backend: str = "auto"
     """Backend of :func:`pmlm_engine.attention.pseudo_mask_attention`: auto | reference | sdpa | torch | triton."""
+    compile: bool = False
+    """Run the encoder layers through ``torch.compile`` (:meth:`pmlm_engine.model.PMLMModel.compile_encoder`);
+    cached decoding runs them eagerly."""
 
 
 def _finetune_optim() -> OptimConfig:

@@ -100,3 +100,32 @@ def test_model_compile_config_field_reaches_the_model():
     assert model._layers(None) is model._compiled
     assert model._layers(KVCache()) == list(model.encoder["layer"])
     assert not any("_orig_mod" in name for name in model.state_dict())
+
+
+def test_compile_flag_reaches_pretraining_and_finetuning(tmp_path):
+    """``--compile`` sets ``model.compile`` in both training entry points, and a fine-tune built with
+    it trains through the compiled layers (the pre-training model compiles from its config above)."""
+    from pmlm_engine import cli
+    from pmlm_engine.checkpoint import save_model
+    from pmlm_engine.corpus import minilm_dir
+    from pmlm_engine.finetune import FinetuneTask
+    from pmlm_engine.engine import DistEnv
+    from pmlm_engine.tokenizer import load_tokenizer
+
+    train_cfg, _ = cli.parse("train", ["--compile"])
+    assert train_cfg.model.build(VOCAB).compile is True
+    assert cli.parse("train", [])[0].model.build(VOCAB).compile is False
+
+    vocab = minilm_dir() / "vocab.txt"
+    torch.manual_seed(0)
+    init = save_model(PMLMModel(ModelConfig(vocab_size=load_tokenizer(vocab).vocab_size, **TINY)), tmp_path / "init",
+                      extra={"tokenizer": str(vocab)})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"src": "the harbour works", "tgt": "harbour"}\n')
+    for flags, compiled in ((["--compile"], True), ([], False)):
+        cfg, _ = cli.parse("finetune", ["--init", str(init), "--corpus", str(data), "--out", str(tmp_path / "o"),
+                                        *flags])
+        assert cfg.model.compile is compiled
+        task = FinetuneTask(cfg)
+        task.prepare(DistEnv())
+        assert (task.model._compiled is not None) is compiled
