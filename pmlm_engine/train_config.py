@@ -88,6 +88,11 @@ class ModelSection:
         """The attention backend asked for (``model.attention_backend``, else ModelConfig's default)."""
         return self.overrides.get("attention_backend", ModelConfig.attention_backend)
 
+    @property
+    def compile(self) -> bool:
+        """``model.compile`` (else ModelConfig's default)."""
+        return bool(self.overrides.get("compile", ModelConfig.compile))
+
     def build(self, vocab_size: int, tokenizer_source: str = "the tokenizer") -> ModelConfig:
         """The ModelConfig for a tokenizer of ``vocab_size`` ids."""
         if "vocab_size" in self.overrides and self.overrides["vocab_size"] != vocab_size:
@@ -247,6 +252,9 @@ class RunConfig:
             self.optim.warmup_steps = self.steps
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} is invalid: 0 (auto: torch's default) or a positive count")
+        if self.model.compile and self.deepspeed.zero_stage == 3:  # type: ignore[attr-defined]
+            raise ValueError("model.compile=true with deepspeed.zero_stage=3 is not supported (ZeRO-3 gathers the "
+                             "parameters inside the layers): drop --compile or use zero_stage 0-2")
         if not self.out:
             raise ValueError("out='' is invalid: name an output folder")
 
@@ -459,6 +467,9 @@ class DecodeJobConfig:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} is invalid: 0 (auto: torch's default) or a positive count")
+        if self.model.compile and self.deepspeed.zero_stage == 3:  # type: ignore[attr-defined]
+            raise ValueError("model.compile=true with deepspeed.zero_stage=3 is not supported (ZeRO-3 gathers the "
+                             "parameters inside the layers): drop --compile or use zero_stage 0-2")
         if not self.out:
             raise ValueError("out='' is invalid: name the predictions file")
         if self.detok not in ("surface", "rules", "tokenizer"):

@@ -115,6 +115,9 @@ def test_compile_flag_reaches_pretraining_and_finetuning(tmp_path):
     train_cfg, _ = cli.parse("train", ["--compile"])
     assert train_cfg.model.build(VOCAB).compile is True
     assert cli.parse("train", [])[0].model.build(VOCAB).compile is False
+    for kind in ("train", "finetune"):
+        with pytest.raises(ValueError, match="zero_stage=3"):
+            cli.parse(kind, ["--compile", "--zero-stage", "3"])
 
     vocab = minilm_dir() / "vocab.txt"
     torch.manual_seed(0)
