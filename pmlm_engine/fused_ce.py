@@ -30,6 +30,7 @@ dtype under autocast), the softmax in fp32 (fp64 for fp64 inputs); only the orde
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 
@@ -189,14 +190,23 @@ def _combine(per_group: Tensor, scale: Tensor) -> Tensor:
     return out
 
 
+TRITON_MODULE = "pmlm_engine.kernels.fused_linear_ce"
+"""Where the Triton subclass lives. It subclasses :class:`FusedLinearCrossEntropy`, so it is named
+here and imported on first use, like the optional attention backends
+(:data:`pmlm_engine.attention.OPTIONAL_BACKENDS`): the kernel depends on this module, not the
+other way round, and ``triton`` stays optional on the CPU."""
+
+
 def _triton_function() -> type[FusedLinearCrossEntropy]:
-    """The Triton subclass, imported on first use (``triton`` is optional on the CPU)."""
+    """The Triton subclass, imported on first use."""
     try:
-        from .kernels.fused_linear_ce import TritonFusedLinearCrossEntropy
-    except ImportError as exc:
-        raise ImportError(f"the Triton fused cross-entropy needs triton ({exc}): install it with "
+        module = importlib.import_module(TRITON_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != "triton":
+            raise  # a broken import is a bug, not a missing optional package
+        raise ImportError("the Triton fused cross-entropy needs triton: install it with "
                           "`pip install triton==3.7.1`, or pass impl='torch'") from exc
-    return TritonFusedLinearCrossEntropy
+    return module.TritonFusedLinearCrossEntropy
 
 
 def linear_cross_entropy(
