@@ -17,7 +17,7 @@
 #   OUT             output folder (default runs/demo; runs/demo-fast with --fast)
 #   THREADS         torch threads of every step (default: picked from the cores and the 1-minute load, logged)
 #   PRETRAIN_STEPS  pre-training steps (default 100; 20 with --fast)
-#   FINETUNE_STEPS  fine-tuning steps (default 600; 60 with --fast)
+#   FINETUNE_STEPS  fine-tuning steps (default 1500; 60 with --fast)
 # Every step's output is also written to $OUT/logs/; the last lines printed are a summary that
 # quotes each step's own loss line, the timings, the scores and the count of empty predictions.
 set -euo pipefail
@@ -45,7 +45,7 @@ done
 if [ "$FAST" = 1 ]; then
   OUT=${OUT:-runs/demo-fast}; PRETRAIN_STEPS=${PRETRAIN_STEPS:-20}; FINETUNE_STEPS=${FINETUNE_STEPS:-60}
 else
-  OUT=${OUT:-runs/demo}; PRETRAIN_STEPS=${PRETRAIN_STEPS:-100}; FINETUNE_STEPS=${FINETUNE_STEPS:-600}
+  OUT=${OUT:-runs/demo}; PRETRAIN_STEPS=${PRETRAIN_STEPS:-100}; FINETUNE_STEPS=${FINETUNE_STEPS:-1500}
 fi
 PT_WARMUP=$(( PRETRAIN_STEPS < 10 ? PRETRAIN_STEPS / 2 : 10 ))
 FT_WARMUP=$(( FINETUNE_STEPS < 120 ? FINETUNE_STEPS / 4 : 30 ))
