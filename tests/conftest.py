@@ -41,3 +41,13 @@ def _backend_registry_unchanged():
     yield
     if before is not None:
         assert attention._BACKENDS == before, "a test left the attention backend registry changed"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models run fastest on one; the machine is shared):
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that wants it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -38,12 +38,7 @@ from pmlm_engine.model import PMLMModel
 from .test_train_fixtures import paragraphs, write_txt, write_vocab
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ from .test_train_fixtures import paragraphs, tiny_config, write_config, write_tx
 CKPT = "checkpoints"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ from pmlm_engine.train_config import from_dict
 from .test_train_fixtures import metrics, paragraphs, tiny_config, write_txt, write_vocab
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and this machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
