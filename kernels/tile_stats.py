@@ -108,6 +108,16 @@ def _key_tiles(step: Tensor, doc: Tensor, block: int) -> _KeyTiles:
     )
 
 
+def _check_tile_args(q_step: Tensor, q_doc: Tensor, k_step: Tensor, k_doc: Tensor, block_m: int,
+                     block_n: int) -> None:
+    """The input checks shared by the tile classifiers."""
+    check_layout("q_step", q_step, q_doc)
+    check_layout("k_step", k_step, k_doc)
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: expected a positive int")
+
+
 def summary_tile_classes(
     q_step: Tensor,
     q_doc: Tensor,
@@ -131,11 +141,7 @@ def summary_tile_classes(
     Returns:
         ``(B, ceil(Lq / block_m), ceil(Lk / block_n))`` int8.
     """
-    check_layout("q_step", q_step, q_doc)
-    check_layout("k_step", k_step, k_doc)
-    for name, value in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive int")
+    _check_tile_args(q_step, q_doc, k_step, k_doc, block_m, block_n)
     qt = _query_tiles(q_step, q_doc, block_m)
     kt = _key_tiles(k_step, k_doc, block_n)
 
@@ -212,11 +218,7 @@ def tile_classes(
     Returns:
         ``(B, ceil(Lq / block_m), ceil(Lk / block_n))`` int8.
     """
-    check_layout("q_step", q_step, q_doc)
-    check_layout("k_step", k_step, k_doc)
-    for name, value in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive int")
+    _check_tile_args(q_step, q_doc, k_step, k_doc, block_m, block_n)
     if visible is None:
         visible = dense_pseudo_mask(k_step, k_doc, q_step=q_step, q_doc_ids=q_doc)
     any_, all_ = tile_any_all(visible, block_m, block_n)
