@@ -150,7 +150,8 @@ def _hyp(tokens: list[int], logprob: float, length: int, ended: bool, alpha: flo
 
 
 class Scorer(Protocol):
-    """What the search needs: the next-token log-probabilities of every live row."""
+    """What the search needs: the next-token log-probabilities of every live row (fresh tensors: the
+    search edits them in place)."""
 
     def start(self, sources: Sequence[Sequence[int]]) -> Tensor:
         """Encode the sources; ``(B, V)`` log-probabilities of the first token."""
@@ -290,75 +291,64 @@ def banned_ids(special: SpecialIds) -> list[int]:
     return sorted({special.pad, special.cls, special.mask, special.p})
 
 
-def blocked_ngram_tokens(history: Sequence[int], n: int, ignore: frozenset[int]) -> set[int]:
-    """Tokens that would complete an n-gram already in ``history`` (n-grams holding an ignored
-    token are not blocked)."""
-    if n <= 0 or len(history) < n - 1:
-        return set()
-    prefix = tuple(history[len(history) - n + 1:]) if n > 1 else ()
-    out: set[int] = set()
-    for i in range(len(history) - n + 1):
-        gram = history[i:i + n]
-        if tuple(gram[:-1]) == prefix and not ignore.intersection(gram):
-            out.add(gram[-1])
-    return out
+def blocked_ngrams(hist: Tensor, n: int, ignore: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, tokens)``: per row of ``hist`` ``(N, T)``, the tokens that would complete an n-gram
+    already in that row (an n-gram holding a token of ``ignore`` is never blocked). Pairs may repeat."""
+    rows_total, length = hist.shape
+    if n <= 0 or length < n:
+        empty = hist.new_empty(0)
+        return empty, empty
+    grams = hist.unfold(1, n, 1)  # (N, T - n + 1, n)
+    match = (grams[..., :-1] == hist[:, length - n + 1:].unsqueeze(1)).all(-1)  # the n - 1 token prefix recurs
+    if ignore.numel():
+        match &= ~torch.isin(grams, ignore).any(-1)
+    rows, at = match.nonzero(as_tuple=True)
+    return rows, grams[rows, at, -1]
 
 
-def uses_history(cfg: DecodeConfig) -> bool:
-    """Whether :func:`constrain` needs the hypotheses' tokens (n-gram blocking or a repetition penalty)."""
-    return bool(cfg.no_repeat_ngram_size) or cfg.repetition_penalty != 1.0 or cfg.coverage_penalty > 0
-
-
-def penalize_repeats(logp: Tensor, histories: Sequence[Sequence[int]], cfg: DecodeConfig,
-                     sources: Optional[Sequence[Sequence[int]]] = None) -> Tensor:
+def penalize_repeats(logp: Tensor, hist: Tensor, cfg: DecodeConfig, sources: Optional[Tensor] = None) -> Tensor:
     """The repetition and coverage penalties (see :class:`DecodeConfig`) on ``(N, V)`` log-probabilities, in place.
 
-    ``sources``: per row, the source tokens (for the coverage penalty).
+    ``hist`` ``(N, T)``: each row's generated tokens; ``sources`` ``(N, S)``: each row's source
+    tokens, padded with -1 (needed for the coverage penalty).
     """
-    if cfg.repetition_penalty == 1.0 and cfg.coverage_penalty == 0:
+    if (cfg.repetition_penalty == 1.0 and cfg.coverage_penalty == 0) or hist.shape[1] == 0:
         return logp
-    rows: list[int] = []
-    cols: list[int] = []
-    extra: list[float] = []
-    for r, hist in enumerate(histories):
-        counts: dict[int, int] = {}
-        for w in hist:
-            counts[w] = counts.get(w, 0) + 1
-        src_counts: dict[int, int] = {}
-        if cfg.coverage_penalty and sources is not None:
-            for w in sources[r]:
-                src_counts[w] = src_counts.get(w, 0) + 1
-        for w, c in counts.items():
-            rows.append(r)
-            cols.append(w)
-            extra.append(cfg.coverage_penalty * max(0, c + 1 - max(1, src_counts.get(w, 0))))
-    if not rows:
-        return logp
-    r_t = torch.tensor(rows, device=logp.device)
-    c_t = torch.tensor(cols, device=logp.device)
-    picked = logp[r_t, c_t] * cfg.repetition_penalty - torch.tensor(extra, dtype=logp.dtype, device=logp.device)
-    logp[r_t, c_t] = picked
-    return logp
+    uses = (hist.unsqueeze(2) == hist.unsqueeze(1)).sum(2)  # (N, T): how often hist[r, i] was generated
+    picked = logp.gather(1, hist) * cfg.repetition_penalty
+    if cfg.coverage_penalty and sources is not None:
+        in_source = (hist.unsqueeze(2) == sources.unsqueeze(1)).sum(2)  # (N, T)
+        over = (uses + 1 - in_source.clamp(min=1)).clamp(min=0)
+        picked -= (cfg.coverage_penalty * over.double()).to(logp.dtype)  # float64 product, as the rule states it
+    return logp.scatter_(1, hist, picked)  # a token generated twice gets the same value twice
 
 
-def constrain(logp: Tensor, histories: Sequence[Sequence[int]], t: int, cfg: DecodeConfig, special: SpecialIds,
-              banned: Tensor, sources: Optional[Sequence[Sequence[int]]] = None) -> Tensor:
-    """Apply the generation rules to ``(N, V)`` log-probabilities of token ``t`` (returns a new tensor):
-    banned ids, ``min_len``, n-gram blocking, then the repetition / coverage penalties (``sources``: per row)."""
-    logp = logp.index_fill(1, banned, float("-inf"))
-    if t - 1 < cfg.min_len:
-        logp[:, special.sep] = float("-inf")
-    if cfg.no_repeat_ngram_size:
-        ignore = frozenset(cfg.ngram_ignore)
-        rows: list[int] = []
-        cols: list[int] = []
-        for r, hist in enumerate(histories):
-            for w in blocked_ngram_tokens(hist, cfg.no_repeat_ngram_size, ignore):
-                rows.append(r)
-                cols.append(w)
-        if rows:
-            logp[torch.tensor(rows, device=logp.device), torch.tensor(cols, device=logp.device)] = float("-inf")
-    return penalize_repeats(logp, histories, cfg, sources)
+class Rules:
+    """The generation rules of ``cfg`` for one batch of sources, applied to ``(N, V)`` log-probabilities
+    of token ``t`` in place: banned ids, ``min_len``, n-gram blocking, then the repetition and coverage
+    penalties. Batched: one set of tensor ops per step, whatever the number of rows."""
+
+    def __init__(self, cfg: DecodeConfig, special: SpecialIds, sources: Sequence[Sequence[int]],
+                 device: torch.device) -> None:
+        self.cfg, self.sep = cfg, special.sep
+        self.banned = torch.tensor(banned_ids(special), device=device)
+        self.ignore = torch.tensor(sorted(set(cfg.ngram_ignore)), dtype=torch.long, device=device)
+        self.sources: Optional[Tensor] = None  # (B, S) padded with -1: only the coverage penalty reads it
+        if cfg.coverage_penalty:
+            width = max(1, max(map(len, sources)))
+            self.sources = torch.tensor([list(s) + [-1] * (width - len(s)) for s in sources], device=device)
+
+    def __call__(self, logp: Tensor, hist: Tensor, t: int, source_of: Tensor) -> Tensor:
+        """``hist`` ``(N, t - 1)`` the rows' tokens so far; ``source_of`` ``(N,)`` each row's source index."""
+        cfg = self.cfg
+        logp.index_fill_(1, self.banned, float("-inf"))
+        if t - 1 < cfg.min_len:
+            logp[:, self.sep] = float("-inf")
+        if cfg.no_repeat_ngram_size:
+            rows, tokens = blocked_ngrams(hist, cfg.no_repeat_ngram_size, self.ignore)
+            logp[rows, tokens] = float("-inf")
+        src = None if self.sources is None else self.sources.index_select(0, source_of)
+        return penalize_repeats(logp, hist, cfg, src)
 
 
 # --------------------------------------------------------------------------- search
@@ -375,16 +365,14 @@ def greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeC
     logp = scorer.start(sources)  # (B, V)
     device = logp.device
     b = len(sources)
-    banned = torch.tensor(banned_ids(special), device=device)
+    rules = Rules(cfg, special, sources, device)
     rows = torch.arange(b, device=device)  # (N,) source index of each live row
     tokens = torch.full((b, cfg.max_len), special.pad, dtype=torch.long, device=device)
     sums = torch.zeros(b, dtype=logp.dtype, device=device)  # (N,) live rows' summed log-probs
     total = torch.zeros(b, dtype=logp.dtype, device=device)  # per source, once finished
     length = torch.zeros(b, dtype=torch.long, device=device)
     for t in range(1, cfg.max_len + 1):
-        live = rows.tolist() if uses_history(cfg) else []
-        hist = [tokens[i, :t - 1].tolist() for i in live]
-        logp = constrain(logp, hist, t, cfg, special, banned, [sources[i] for i in live])
+        logp = rules(logp, tokens[rows, :t - 1], t, rows)
         best_lp, best = logp.max(dim=-1)  # (N,)
         sums = sums + best_lp
         tokens[rows, t - 1] = best
@@ -410,65 +398,79 @@ def greedy_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeC
 @torch.no_grad()
 def beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeConfig,
                 special: SpecialIds) -> list[list[Hypothesis]]:
-    """Beam search of a batch; per source, its finished hypotheses best first (``[0]`` is the output)."""
+    """Beam search of a batch; per source, its finished hypotheses best first (``[0]`` is the output).
+
+    Per live sentence and step, the ``2K`` best (beam, token) candidates are read in rank order:
+    a ``[SEP]`` among the first ``K`` finishes a hypothesis (until the sentence has ``K``), the
+    first ``K`` other candidates continue (padded with dead, ``-inf`` beams when fewer). A sentence stops
+    with ``K`` finished hypotheses or no continuation; at ``max_len`` the continuations finish
+    unended. The bookkeeping is batched: every rule above is a tensor op over all sentences, the
+    beams' tokens live in one ``(n, K, t)`` tensor, and the host reads three flags per step plus
+    the few hypotheses that finish.
+    """
     k = cfg.beam_size
     first = scorer.start(sources)  # (B, V)
     device, vocab = first.device, first.shape[-1]
     b = len(sources)
-    banned = torch.tensor(banned_ids(special), device=device)
+    rules = Rules(cfg, special, sources, device)
     scorer.reorder(torch.arange(b, device=device).repeat_interleave(k))  # every sentence's K beams
-    logp = first.repeat_interleave(k, dim=0)  # (B*K, V)
+    logp = first.repeat_interleave(k, dim=0)  # (n*K, V)
     beam_scores = torch.full((b, k), float("-inf"), dtype=logp.dtype, device=device)
     beam_scores[:, 0] = 0.0  # one live beam at first, so the K beams start distinct
-    alive = list(range(b))  # source index of each live sentence slot
-    hist: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(b)]  # per slot, per beam
+    alive = torch.arange(b, device=device)  # (n,) source index of each live sentence
+    hist = torch.empty((b, k, 0), dtype=torch.long, device=device)  # (n, K, t - 1) each beam's tokens
+    n_done = torch.zeros(b, dtype=torch.long, device=device)  # per source: finished hypotheses
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    width = min(2 * k, k * vocab)
+    rank = torch.arange(width, device=device)
+
+    def finish(mask: Tensor, scores: Tensor, beam: Tensor, word: Tensor, t: int, ended: bool) -> None:
+        s, c = mask.nonzero(as_tuple=True)  # row-major: each sentence's in rank order
+        prefixes = hist[s, beam[s, c]]
+        if not ended:
+            prefixes = torch.cat([prefixes, word[s, c].unsqueeze(1)], dim=1)
+        for i, toks, score in zip(alive[s].tolist(), prefixes.tolist(), scores[s, c].tolist()):
+            finished[i].append(_hyp(toks, score, t, ended, cfg.length_penalty))
+
     for t in range(1, cfg.max_len + 1):
-        n = len(alive)
-        logp = constrain(logp, [h for slot in hist for h in slot], t, cfg, special, banned,
-                         [sources[i] for i in alive for _ in range(k)])
-        cand = (beam_scores.reshape(-1, 1) + logp).reshape(n, k * vocab)  # (n, K*V)
-        top_scores, top_idx = cand.topk(min(2 * k, k * vocab), dim=1)  # (n, 2K)
-        ts, ti = top_scores.tolist(), top_idx.tolist()
-        keep_slots: list[int] = []
-        rows: list[int] = []
-        new_scores: list[list[float]] = []
-        new_tokens: list[int] = []
-        new_hist: list[list[list[int]]] = []
-        for s, i in enumerate(alive):
-            cont: list[tuple[float, int, int]] = []
-            for rank, (score, idx) in enumerate(zip(ts[s], ti[s])):
-                if score == float("-inf"):
-                    break
-                beam, w = divmod(idx, vocab)
-                if w == special.sep:
-                    if rank < k and len(finished[i]) < k:
-                        finished[i].append(_hyp(hist[s][beam], score, t, True, cfg.length_penalty))
-                elif len(cont) < k:
-                    cont.append((score, beam, w))
-            if t == cfg.max_len:
-                for score, beam, w in cont:
-                    finished[i].append(_hyp(hist[s][beam] + [w], score, t, False, cfg.length_penalty))
-                continue
-            if not cont and not finished[i]:
-                raise ValueError(f"source {i}: every token is forbidden at step {t} (banned ids, min_len and "
-                                 "n-gram blocking leave nothing); relax no_repeat_ngram_size or min_len")
-            if len(finished[i]) >= k or not cont:
-                continue
-            while len(cont) < k:  # fewer than K live continuations: pad with dead beams
-                cont.append((float("-inf"), cont[0][1], cont[0][2]))
-            keep_slots.append(s)
-            rows += [s * k + beam for _, beam, _ in cont]
-            new_scores.append([score for score, _, _ in cont])
-            new_tokens += [w for _, _, w in cont]
-            new_hist.append([hist[s][beam] + [w] for _, beam, w in cont])
-        if not keep_slots:
+        n = alive.shape[0]
+        logp = rules(logp, hist.reshape(n * k, t - 1), t, alive.repeat_interleave(k))
+        cand = (beam_scores.reshape(-1, 1) + logp).reshape(n, k * vocab)
+        scores, idx = cand.topk(width, dim=1)  # (n, 2K), best first
+        beam, word = idx // vocab, idx % vocab
+        live = scores > float("-inf")  # sorted: the first -inf ends a sentence's candidates
+        sep = word == special.sep
+        ends = live & sep & (rank < k)
+        ends &= ends.cumsum(1) <= (k - n_done[alive]).unsqueeze(1)  # until the sentence has K
+        cont = live & ~sep
+        cont &= cont.cumsum(1) <= k
+        n_done[alive] += ends.sum(1)
+        n_cont = cont.sum(1)
+        keep = (n_done[alive] < k) & (n_cont > 0)
+        stuck = (n_cont == 0) & (n_done[alive] == 0)
+        any_end, any_stuck, any_keep = torch.stack([ends.any(), stuck.any(), keep.any()]).tolist()  # host reads
+        if any_end:
+            finish(ends, scores, beam, word, t, ended=True)
+        if t == cfg.max_len:
+            finish(cont, scores, beam, word, t, ended=False)
             break
-        scorer.reorder(torch.tensor(rows, device=device))
-        alive = [alive[s] for s in keep_slots]
-        hist = new_hist
-        beam_scores = torch.tensor(new_scores, dtype=logp.dtype, device=device)  # (n', K)
-        logp = scorer.step(torch.tensor(new_tokens, device=device), t + 1)
+        if any_stuck:
+            i = int(alive[stuck.nonzero()[0, 0]])
+            raise ValueError(f"source {i}: every token is forbidden at step {t} (banned ids, min_len and "
+                             "n-gram blocking leave nothing); relax no_repeat_ngram_size or min_len")
+        if not any_keep:
+            break
+        pick = torch.where(cont, rank, rank + width).argsort(dim=1)[keep, :k]  # continuations first, in rank
+        real = torch.arange(k, device=device) < n_cont[keep].unsqueeze(1)  # (n', K); the rest: dead (-inf) beams
+        kept = keep.nonzero().squeeze(1)
+        parent = beam[kept].gather(1, pick)  # (n', K)
+        new_word = word[kept].gather(1, pick)
+        beam_scores = torch.where(real, scores[kept].gather(1, pick), float("-inf"))
+        rows = (kept.unsqueeze(1) * k + parent).reshape(-1)  # (n' * K,) rows of the current batch
+        scorer.reorder(rows)
+        hist = torch.cat([hist.reshape(n * k, t - 1)[rows], new_word.reshape(-1, 1)], dim=1).reshape(-1, k, t)
+        alive = alive[kept]
+        logp = scorer.step(new_word.reshape(-1), t + 1)
     return [sorted(f, key=lambda h: -h.score) for f in finished]
 
 

@@ -231,3 +231,32 @@ def test_static_step_reads_nothing_back_to_the_host(backend: str, monkeypatch):
         out = scorer.step(torch.tensor([15, 16, 17]), 3)
         monkeypatch.undo()
     assert out.shape == (3, model.config.vocab_size) and torch.isfinite(out).any()
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_batch_decodes_as_its_sentences_do_alone(beam: int):
+    """Batched search (rules, penalties, finished sentences dropped at different steps) gives every sentence the
+    hypotheses it gets when decoded alone: no rule or bookkeeping leaks across rows."""
+    from .test_s2sft_beam import SPECIAL as TABLE_SPECIAL
+    from .test_s2sft_beam import TableScorer, _table
+
+    table = _table(seed=3, sep_boost=1.0)
+    sources = [[4, 5, 5, 6], [7], [8, 9, 10, 11, 4, 4], [5, 6], [11, 10, 9], [6, 6, 6], [4, 7, 8]]
+    cfg = DecodeConfig(beam_size=beam, max_len=7, min_len=2, no_repeat_ngram_size=2, ngram_ignore=(5,),
+                       repetition_penalty=1.3, coverage_penalty=0.4, length_penalty=0.8)
+
+    def scorer(ids: list[int]) -> TableScorer:
+        return TableScorer(lambda i, prefix: table(ids[i], prefix))
+
+    def search(srcs: list[list[int]], ids: list[int]) -> list[list[Hypothesis]]:
+        if beam == 1:
+            return [[h] for h in greedy_search(scorer(ids), srcs, cfg, TABLE_SPECIAL)]
+        return beam_search(scorer(ids), srcs, cfg, TABLE_SPECIAL)
+
+    batched = search(sources, list(range(len(sources))))
+    lengths = {h.length for hyps in batched for h in hyps}
+    assert len(lengths) > 2  # sentences finish at different steps
+    for i, src in enumerate(sources):
+        alone = search([src], [i])[0]
+        assert [(h.tokens, h.length, h.ended) for h in batched[i]] == [(h.tokens, h.length, h.ended) for h in alone]
+        assert [h.logprob for h in batched[i]] == [h.logprob for h in alone]
