@@ -1,7 +1,7 @@
 """Decoding speed: the model's key/value cache against s2s-ft's scheme (hidden states cached, keys and
 values re-projected every step), greedy and beam 5, at target length 64.
 
-    python benchmarks/decode.py [--quick] [--sizes h64,small,base] [--threads 1]
+    python benchmarks/decode.py [--quick] [--sizes h64,small,base] [--threads 1] [--compile]
 
 Both schemes run the same :class:`pmlm_engine.model.PMLMModel` weights, the same attention
 function and the same search code (:func:`pmlm_engine.decode.greedy_search` /
@@ -12,6 +12,9 @@ function and the same search code (:func:`pmlm_engine.decode.greedy_search` /
 * ``kv_static`` (:class:`pmlm_engine.decode.StaticCachedScorer`): the same on a fixed-capacity
   cache, fixed shapes and no host reads per step (the CUDA-graph-capturable path); on the CPU it
   pays for attending the whole capacity.
+* ``kv_compiled`` (``--compile``, :class:`pmlm_engine.decode.CompiledStaticScorer`): the static
+  step through ``torch.compile`` (decoding's ``model.compile=true``); its compile time is in the
+  warm-up round, reported as ``warmup_s``.
 * ``s2s_ft`` (:class:`HiddenStateScorer` below, as microsoft/unilm s2s-ft's ``BertModelIncr``):
   each layer's *input hidden states* are kept; a step projects keys and values of the whole
   history again (``key(cat(history, new))``), so its cost grows with source + target length.
@@ -45,7 +48,15 @@ from torch import Tensor
 
 from pmlm_engine.attention import RelativePositionBias, pseudo_mask_attention
 from pmlm_engine.config import PRESETS, ModelConfig
-from pmlm_engine.decode import CachedScorer, DecodeConfig, StaticCachedScorer, beam_search, greedy_search, source_batch
+from pmlm_engine.decode import (
+    CachedScorer,
+    CompiledStaticScorer,
+    DecodeConfig,
+    StaticCachedScorer,
+    beam_search,
+    greedy_search,
+    source_batch,
+)
 from pmlm_engine.layout import SpecialIds
 from pmlm_engine.model import PMLMModel
 
@@ -143,6 +154,8 @@ class DecodeResult:
     """s2s-ft's ``decode_s`` over this scheme's (median of per-repeat ratios)."""
     e2e_speedup: float
     """s2s-ft's ``total_s`` over this scheme's (median of per-repeat ratios)."""
+    warmup_s: float
+    """The warm-up round's total (``kv_compiled``: includes compiling)."""
     same_tokens: bool
 
 
@@ -179,18 +192,18 @@ def build_model(seed: int = 0, size: str = "small") -> PMLMModel:
 
 
 def run_decode_suite(quick: bool, smoke: bool = False, sizes: Sequence[str] = ("small",),
-                     searches: Sequence[str] = ("greedy", "beam5")) -> list[dict]:
+                     searches: Sequence[str] = ("greedy", "beam5"), compile: bool = False) -> list[dict]:
     """Cached (growing and static) vs s2s-ft-style decoding at target length 64: greedy and beam 5 at batch 1
     (quick), plus greedy at batch 8 and beam 5 at batch 4 (full), per model size. ``smoke``: greedy and beam 5
-    at source 32, target 8, one repeat (that the suite runs and reports, for CI; not how fast). Rows as dicts
-    (:class:`DecodeResult`)."""
+    at source 32, target 8, one repeat (that the suite runs and reports, for CI; not how fast). ``compile``: add
+    the ``kv_compiled`` scheme. Rows as dicts (:class:`DecodeResult`)."""
     rows: list[dict] = []
     for size in sizes:
-        rows += _suite_at(size, quick, smoke, searches)
+        rows += _suite_at(size, quick, smoke, searches, compile)
     return rows
 
 
-def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str]) -> list[dict]:
+def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str], compile: bool) -> list[dict]:
     model = build_model(size=size)
     g = torch.Generator().manual_seed(1)
     settings = [("greedy", 1, 1), ("beam5", 5, 1)] + ([] if quick or smoke else [("greedy", 1, 8), ("beam5", 5, 4)])
@@ -199,6 +212,7 @@ def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str]) -> l
     src_len, tgt_len = (32, 8) if smoke else (SRC_LEN, TGT_LEN)
     rows: list[dict] = []
     schemes = {"kv_cache": CachedScorer, "kv_static": lambda m, sp: StaticCachedScorer(m, sp, tgt_len),
+               **({"kv_compiled": lambda m, sp: CompiledStaticScorer(m, sp, tgt_len)} if compile else {}),
                "s2s_ft": HiddenStateScorer}
     for search, beam, batch in settings:
         sources = torch.randint(SPECIAL.random_lo, SPECIAL.random_hi, (batch, src_len), generator=g).tolist()
@@ -220,7 +234,7 @@ def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str]) -> l
         for _ in range(1 + repeats):  # round-robin; the first round is warm-up
             for name, cls in schemes.items():
                 run(name, cls)
-        same = outputs["kv_cache"] == outputs["s2s_ft"] == outputs["kv_static"]
+        same = all(out == outputs["s2s_ft"] for out in outputs.values())
         tot = {k: v[1:] for k, v in totals.items()}
         dec = {k: [a - b for a, b in zip(v[1:], encodes[k][1:])] for k, v in totals.items()}
         for scheme in schemes:
@@ -231,7 +245,7 @@ def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str]) -> l
                 tokens_per_s=batch * tgt_len / d, e2e_tokens_per_s=batch * tgt_len / t,
                 decode_speedup=statistics.median(a / b for a, b in zip(dec["s2s_ft"], dec[scheme])),
                 e2e_speedup=statistics.median(a / b for a, b in zip(tot["s2s_ft"], tot[scheme])),
-                same_tokens=same)))
+                warmup_s=totals[scheme][0], same_tokens=same)))
     return rows
 
 
@@ -241,6 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
     p.add_argument("--search", default="greedy,beam5", help="comma-separated: greedy, beam5 (default both)")
     p.add_argument("--sizes", default="small", help=f"comma-separated model sizes of {sorted(SIZES)} (default small)")
+    p.add_argument("--compile", action="store_true", help="add the torch.compile'd static step (kv_compiled)")
     args = p.parse_args(argv)
     sizes = args.sizes.split(",")
     unknown = sorted(set(sizes) - set(SIZES))
@@ -252,10 +267,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     print(f"models: {', '.join(sizes)} + relative bias, fp32, random weights; source {SRC_LEN} tokens, "
           f"target {TGT_LEN} tokens; load average before: {os.getloadavg()}\n")
-    rows = run_decode_suite(args.quick, sizes=sizes, searches=args.search.split(","))
+    rows = run_decode_suite(args.quick, sizes=sizes, searches=args.search.split(","), compile=args.compile)
     print(f"load average after: {os.getloadavg()}")
     print(markdown_table(rows, ["size", "search", "batch", "scheme", "total_s", "encode_s", "decode_s", "tokens_per_s",
-                                "e2e_tokens_per_s", "decode_speedup", "e2e_speedup", "same_tokens"]))
+                                "e2e_tokens_per_s", "decode_speedup", "e2e_speedup", "warmup_s", "same_tokens"]))
 
 
 if __name__ == "__main__":

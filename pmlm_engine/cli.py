@@ -241,6 +241,8 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         g.add_argument(f.name, dest=f.field, type=f.type, default=argparse.SUPPRESS, metavar=f.metavar,
                        help=f"{f.help} [{f.field}]")
     if kind == "decode":
+        g.add_argument("--compile", dest="model.compile", action="store_const", const=True, default=argparse.SUPPRESS,
+                       help="run each decoding step through torch.compile (compiles first) [model.compile]")
         g.add_argument("--no-ban-special", dest="search.ban_special", action="store_false", default=argparse.SUPPRESS,
                        help="s2s-ft rules: allow [PAD]/[CLS]/[MASK] as s2s-ft does [search.ban_special=false]")
     if kind == "train":

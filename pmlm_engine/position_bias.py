@@ -8,7 +8,6 @@ derives its indices from it, so they agree exactly.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -19,18 +18,24 @@ from torch import Tensor
 __all__ = ["RelativePositionBias", "bucket_lut", "relative_position_bucket"]
 
 
-@functools.lru_cache(maxsize=None)
+_LUTS: dict[tuple[int, int], tuple[int, ...]] = {}
+
+
+@torch._dynamo.assume_constant_result  # compiled code takes the table as a constant (no trace, no host read)
 def bucket_lut(num_buckets: int, max_distance: int) -> tuple[int, ...]:
     """Bucket of every distance ``0 .. max_distance`` for one direction (``num_buckets // 2``
     buckets). This is T5's float32 formula evaluated once per integer distance, so every
     implementation (torch, Triton) agrees exactly, including at the boundaries 16, 32, 64
-    where the formula's logarithm lands on an integer."""
-    half = num_buckets // 2
-    max_exact = half // 2
-    n = torch.arange(max_distance + 1)
-    large = max_exact + (torch.log(n.clamp(min=1).float() / max_exact)
-                         / math.log(max_distance / max_exact) * (half - max_exact)).long()
-    return tuple(torch.where(n < max_exact, n, large.clamp(max=half - 1)).tolist())
+    where the formula's logarithm lands on an integer. Computed once per argument pair."""
+    key = (num_buckets, max_distance)
+    if key not in _LUTS:
+        half = num_buckets // 2
+        max_exact = half // 2
+        n = torch.arange(max_distance + 1)
+        large = max_exact + (torch.log(n.clamp(min=1).float() / max_exact)
+                             / math.log(max_distance / max_exact) * (half - max_exact)).long()
+        _LUTS[key] = tuple(torch.where(n < max_exact, n, large.clamp(max=half - 1)).tolist())
+    return _LUTS[key]
 
 
 def relative_position_bucket(relative_position: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:

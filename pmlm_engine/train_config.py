@@ -348,8 +348,9 @@ class ModelOptions:
     attention_backend: str = "auto"
     """Backend of :func:`pmlm_engine.attention.pseudo_mask_attention`: auto | reference | sdpa | torch | triton."""
     compile: bool = False
-    """Run the encoder layers through ``torch.compile`` (:meth:`pmlm_engine.model.PMLMModel.compile_encoder`);
-    cached decoding runs them eagerly."""
+    """Training: run the encoder layers through ``torch.compile``
+    (:meth:`pmlm_engine.model.PMLMModel.compile_encoder`). Decoding: run each decoding step through
+    ``torch.compile`` (:class:`pmlm_engine.decode.CompiledStaticScorer`)."""
 
 
 def _finetune_optim() -> OptimConfig:
@@ -467,9 +468,6 @@ class DecodeJobConfig:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ValueError(f"threads={self.threads} is invalid: 0 (auto: torch's default) or a positive count")
-        if self.model.compile and self.deepspeed.zero_stage == 3:  # type: ignore[attr-defined]
-            raise ValueError("model.compile=true with deepspeed.zero_stage=3 is not supported (ZeRO-3 gathers the "
-                             "parameters inside the layers): drop --compile or use zero_stage 0-2")
         if not self.out:
             raise ValueError("out='' is invalid: name the predictions file")
         if self.detok not in ("surface", "rules", "tokenizer"):

@@ -10,6 +10,7 @@ import torch
 
 from pmlm_engine.decode import (
     CachedScorer,
+    CompiledStaticScorer,
     DecodeConfig,
     Hypothesis,
     StaticCachedScorer,
@@ -260,3 +261,22 @@ def test_a_batch_decodes_as_its_sentences_do_alone(beam: int):
         alone = search([src], [i])[0]
         assert [(h.tokens, h.length, h.ended) for h in batched[i]] == [(h.tokens, h.length, h.ended) for h in alone]
         assert [h.logprob for h in batched[i]] == [h.logprob for h in alone]
+
+
+def test_compiled_decoding_step_equals_the_eager_one():
+    """decode's model.compile=true (the static step through torch.compile) gives the eager search's hypotheses:
+    tokens exactly, scores to 1e-10 (float64), through beam reordering and sentences finishing at different
+    steps (new batch shapes: the recompile with dynamic dimensions). The config accepts the switch."""
+    from pmlm_engine.train_config import DecodeJobConfig, ModelOptions
+
+    assert DecodeJobConfig(init="x", model=ModelOptions(compile=True)).model.compile
+    model = _model(eos_boost=3.0)
+    model.set_attention_backend("sdpa")
+    cfg = DecodeConfig(beam_size=3, max_len=6)
+    eager = beam_search(StaticCachedScorer(model, SPECIAL, cfg.max_len), SOURCES, cfg, SPECIAL)
+    compiled = beam_search(CompiledStaticScorer(model, SPECIAL, cfg.max_len), SOURCES, cfg, SPECIAL)
+    assert len({h.length for hyps in eager for h in hyps}) > 1
+    for got, want in zip(compiled, eager):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            _same(g, w)
