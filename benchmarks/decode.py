@@ -13,8 +13,9 @@ function and the same search code (:func:`pmlm_engine.decode.greedy_search` /
   cache, fixed shapes and no host reads per step (the CUDA-graph-capturable path); on the CPU it
   pays for attending the whole capacity.
 * ``kv_compiled`` (``--compile``, :class:`pmlm_engine.decode.CompiledStaticScorer`): the static
-  step through ``torch.compile`` (decoding's ``model.compile=true``); its compile time is in the
-  warm-up round, reported as ``warmup_s``.
+  step through ``torch.compile`` (decoding's ``model.compile=true``) with the ``sdpa`` attention
+  backend, as ``decode --compile`` picks for ``auto``; its compile time is in the warm-up round,
+  reported as ``warmup_s``.
 * ``s2s_ft`` (:class:`HiddenStateScorer` below, as microsoft/unilm s2s-ft's ``BertModelIncr``):
   each layer's *input hidden states* are kept; a step projects keys and values of the whole
   history again (``key(cat(history, new))``), so its cost grows with source + target length.
@@ -49,6 +50,7 @@ from torch import Tensor
 from pmlm_engine.attention import RelativePositionBias, pseudo_mask_attention
 from pmlm_engine.config import PRESETS, ModelConfig
 from pmlm_engine.decode import (
+    COMPILED_BACKEND,
     CachedScorer,
     CompiledStaticScorer,
     DecodeConfig,
@@ -205,6 +207,7 @@ def run_decode_suite(quick: bool, smoke: bool = False, sizes: Sequence[str] = ("
 
 def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str], compile: bool) -> list[dict]:
     model = build_model(size=size)
+    backend = model.attention_backend
     g = torch.Generator().manual_seed(1)
     settings = [("greedy", 1, 1), ("beam5", 5, 1)] + ([] if quick or smoke else [("greedy", 1, 8), ("beam5", 5, 4)])
     settings = [s for s in settings if s[0] in searches]
@@ -222,6 +225,7 @@ def _suite_at(size: str, quick: bool, smoke: bool, searches: Sequence[str], comp
         encodes: dict[str, list[float]] = {k: [] for k in schemes}
 
         def run(name: str, scorer_cls) -> None:
+            model.set_attention_backend(COMPILED_BACKEND if name == "kv_compiled" else backend)
             scorer = _Timed(scorer_cls(model, SPECIAL), encodes[name])
             t0 = time.perf_counter()
             if beam == 1:
