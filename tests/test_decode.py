@@ -266,7 +266,8 @@ def test_a_batch_decodes_as_its_sentences_do_alone(beam: int):
 def test_compiled_decoding_step_equals_the_eager_one():
     """decode's model.compile=true (the static step through torch.compile) gives the eager search's hypotheses:
     tokens exactly, scores to 1e-10 (float64), through beam reordering and sentences finishing at different
-    steps (new batch shapes: the recompile with dynamic dimensions). The config accepts the switch."""
+    steps (new batch shapes: the recompile with dynamic dimensions), as one graph (no graph break). The config
+    accepts the switch."""
     from pmlm_engine.train_config import DecodeJobConfig, ModelOptions
 
     assert DecodeJobConfig(init="x", model=ModelOptions(compile=True)).model.compile
@@ -274,9 +275,24 @@ def test_compiled_decoding_step_equals_the_eager_one():
     model.set_attention_backend("sdpa")
     cfg = DecodeConfig(beam_size=3, max_len=6)
     eager = beam_search(StaticCachedScorer(model, SPECIAL, cfg.max_len), SOURCES, cfg, SPECIAL)
+    torch._dynamo.utils.counters.clear()
     compiled = beam_search(CompiledStaticScorer(model, SPECIAL, cfg.max_len), SOURCES, cfg, SPECIAL)
+    assert not torch._dynamo.utils.counters["graph_break"]  # the step is one graph
     assert len({h.length for hyps in eager for h in hyps}) > 1
     for got, want in zip(compiled, eager):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             _same(g, w)
+
+
+def test_the_bucket_table_is_a_constant_to_compiled_code():
+    """Compiled code that builds relative-position buckets first (empty table cache) needs no graph break: the
+    table is computed eagerly and taken as a constant; the buckets equal eager ones."""
+    from pmlm_engine import position_bias
+
+    position_bias._LUTS.clear()
+    torch._dynamo.utils.counters.clear()
+    rel = torch.arange(-200, 200).reshape(8, 50)
+    got = torch.compile(position_bias.relative_position_bucket)(rel)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch.equal(got, position_bias.relative_position_bucket(rel))
