@@ -324,7 +324,7 @@ def banned_ids(special: SpecialIds) -> list[int]:
 def blocked_ngrams(hist: Tensor, n: int, ignore: Tensor) -> tuple[Tensor, Tensor]:
     """``(rows, tokens)``: per row of ``hist`` ``(N, T)``, the tokens that would complete an n-gram
     already in that row (an n-gram holding a token of ``ignore`` is never blocked). Pairs may repeat."""
-    rows_total, length = hist.shape
+    length = hist.shape[1]
     if n <= 0 or length < n:
         empty = hist.new_empty(0)
         return empty, empty
