@@ -223,9 +223,8 @@ def finetune_and_score(out: Path, files: dict[str, Path], plan: Plan, row: str, 
     from pmlm_engine.checkpoint import load_model
 
     params = load_model(run / "final").num_parameters()
-    steps_before = [0] + [r["step"] for r in rows[:-1]]  # each metrics row is a window of steps
     result = {"row": row, "task": task, "seed": seed, "predictions": predictions, "steps": plan.finetune_steps,
-              "train_seconds": sum(r["step_time_s"] * (r["step"] - b) for r, b in zip(rows, steps_before)),
+              "train_seconds": _train_seconds(rows),
               "params": params, "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
     result_file.write_text(json.dumps(result))
     return result
@@ -359,6 +358,12 @@ def aggregate(results: Sequence[dict[str, Any]], references: dict[str, list[str]
     return lines
 
 
+def _train_seconds(rows: Sequence[dict[str, Any]]) -> float:
+    """Training time of a run from its metrics rows (each row is a window of steps)."""
+    steps_before = [0] + [r["step"] for r in rows[:-1]]
+    return sum(r["step_time_s"] * (r["step"] - b) for r, b in zip(rows, steps_before))
+
+
 def pretrain_table(out: Path, plan: Plan) -> list[dict[str, Any]]:
     """Final pre-training losses (AE, PAR: the last metrics row) per objective and seed."""
     table = []
@@ -368,7 +373,8 @@ def pretrain_table(out: Path, plan: Plan) -> list[dict[str, Any]]:
             if rows:
                 table.append({"objective": objective, "seed": seed, "steps": rows[-1]["step"],
                                   "ae_loss": rows[-1].get("ae_loss"), "par_loss": rows[-1].get("par_loss"),
-                                  "tokens_per_s": statistics.mean(r.get("tokens_per_s", 0.0) for r in rows)})
+                                  "tokens_per_s": statistics.mean(r.get("tokens_per_s", 0.0) for r in rows),
+                                  "train_seconds": _train_seconds(rows)})
     return table
 
 
@@ -423,8 +429,11 @@ def report(out: Path, lines: Sequence[dict[str, Any]], pre: Sequence[dict[str, A
            meta: dict[str, Any]) -> str:
     """``report.md``: the settings, the machine, the score table and the pre-training losses."""
     md = [f"# Quality ablation ({'smoke' if meta['smoke'] else 'full'})", "",
-          (f"{meta['machine']}; torch {torch.__version__}; {meta['threads']} thread(s); load at start "
-          f"{meta['load_start']}, at end {meta['load_end']}; {meta['seconds']:.0f} s."), "",
+          (f"{meta['machine']}; torch {torch.__version__}; {meta['threads']} thread(s). Training time in the units' "
+           f"own logs: pre-training {meta['pretrain_seconds'] / 60:.0f} min, fine-tuning "
+           f"{meta['finetune_seconds'] / 60:.0f} min (decoding not counted). This invocation: load at start "
+           f"{meta['load_start']}, at end {meta['load_end']}, {meta['seconds']:.0f} s (units already done are "
+           "reused, not rerun)."), "",
           f"Settings: `{json.dumps(dataclasses.asdict(plan))}`", "",
           "| task | row | ROUGE-1 | ROUGE-2 | ROUGE-L | seeds | steps | step (s) | parameters | empty |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -483,7 +492,9 @@ def run(plan: Plan, out: Path, threads: int, smoke: bool) -> dict[str, Any]:
     meta = {"smoke": smoke, "threads": threads, "load_start": f"{load_start:.2f}",
             "load_end": f"{os.getloadavg()[0]:.2f}",
                 "seconds": time.perf_counter() - t0, "machine": f"{platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores, Python {platform.python_version()}"}
+                f"{os.cpu_count()} cores, Python {platform.python_version()}",
+            "pretrain_seconds": sum(p["train_seconds"] for p in pre),
+            "finetune_seconds": sum(r["train_seconds"] for r in results)}
     text = report(out, lines, pre, plan, meta)
     png = plot(out, lines, plan)
     (out / "results.json").write_text(json.dumps({"plan": dataclasses.asdict(plan), "meta": meta, "table": lines,
