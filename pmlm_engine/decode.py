@@ -474,10 +474,11 @@ def beam_search(scorer: Scorer, sources: Sequence[Sequence[int]], cfg: DecodeCon
         ends &= ends.cumsum(1) <= (k - n_done[alive]).unsqueeze(1)  # until the sentence has K
         cont = live & ~sep
         cont &= cont.cumsum(1) <= k
-        n_done[alive] += ends.sum(1)
+        done = n_done[alive] + ends.sum(1)  # (n,) finished hypotheses after this step
+        n_done[alive] = done
         n_cont = cont.sum(1)
-        keep = (n_done[alive] < k) & (n_cont > 0)
-        stuck = (n_cont == 0) & (n_done[alive] == 0)
+        keep = (done < k) & (n_cont > 0)
+        stuck = (n_cont == 0) & (done == 0)
         any_end, any_stuck, any_keep = torch.stack([ends.any(), stuck.any(), keep.any()]).tolist()  # host reads
         if any_end:
             finish(ends, scores, beam, word, t, ended=True)
@@ -848,14 +849,13 @@ def run(job: Any) -> dict[str, Any]:
     _, tokenizer, cfg, max_src = _resolve_job(job)
     records = load_pair_spec(job.data.corpus, default_split="test", require_tgt=False)
     backend = job.model.attention_backend
-    if job.model.compile and backend == "auto":
-        backend = COMPILED_BACKEND
-        log.info("model.compile: attention backend auto -> %s (the compiled step is one graph; the torch backend "
-                 "plans each forward on the host)", backend)
+    if job.model.compile:
+        backend = COMPILED_BACKEND if backend == "auto" else backend
+        log.info("model.compile: each decoding step runs through torch.compile (the first batches compile), "
+                 "attention backend %s (auto means %s: one graph; the torch backend plans each forward on the host)",
+                 backend, COMPILED_BACKEND)
     model = load_model(job.init, attention_backend=backend).to(job.device).eval()
     log.info("decoding %d inputs with %s (max_src_len %d)", len(records), cfg, max_src)
-    if job.model.compile:
-        log.info("model.compile: each decoding step runs through torch.compile (the first batches compile)")
     rows, stats = decode_records(model, tokenizer, records, cfg, max_src, job.data.batch_size, detok=job.detok,
                                  compile=job.model.compile)
     write_jsonl(rows, job.out)
